@@ -1,0 +1,171 @@
+"""The `echoic` command. Each subcommand parses its flags and calls one library function.
+
+A user-fixable problem (`EchoicError`) is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from echoic import __version__
+from echoic.errors import EchoicError
+
+log = logging.getLogger("echoic")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from echoic.data.synth.corpus import synthesize_corpus
+
+    start = time.perf_counter()
+    summary = synthesize_corpus(
+        args.out,
+        lang=args.lang,
+        num_utts=args.num_utts,
+        seed=args.seed,
+        noise_snr=args.noise_snr,
+        jobs=args.jobs,
+        progress=not args.no_progress,
+    )
+    elapsed = time.perf_counter() - start
+    splits = summary["splits"]
+    counts = ", ".join(
+        f"{name} {s['utterances']} ({s['hours']:.2f} h)" for name, s in splits.items()
+    )
+    unit = "chars" if args.lang == "zh" else "words"
+    print(f"wrote {args.out}: {counts} in {elapsed:.1f} s")
+    print(
+        f"train has {splits['train'][f'distinct_{unit}']} distinct {unit}; "
+        f"{len(summary['voices'])} voices, {len(summary['test_only_voices'])} heard only in test"
+    )
+
+
+def _import(args: argparse.Namespace) -> None:
+    from echoic.data.importers import import_corpus
+    from echoic.data.manifest import write_manifest
+
+    utterances = import_corpus(args.format, args.source, normalize=args.normalize, lang=args.lang)
+    count = write_manifest(args.out, utterances)
+    hours = sum(u.duration for u in utterances) / 3600
+    print(f"wrote {count} utterances ({hours:.2f} h) to {args.out}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from echoic.data.features import FbankConfig
+    from echoic.data.prepare import prepare
+
+    report = prepare(
+        args.manifest,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        character_coverage=args.character_coverage,
+        sample_rate=args.sample_rate,
+        fbank=FbankConfig(num_mel_bins=args.num_mel_bins),
+        report_on=args.report_on,
+        jobs=args.jobs,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {args.out}: {report['tokenizer']} tokenizer with {report['vocab_size']} tokens, "
+        f"CMVN over {report['cmvn_hours']:.2f} h"
+    )
+    for entry in report["unknown"]:
+        top = json.dumps(entry["top_unknown"], ensure_ascii=False) if entry["top_unknown"] else ""
+        print(
+            f"  {entry['manifest']}: {entry['unknown_chars']} of {entry['tokens']} tokens "
+            f"map to <unk> ({100 * entry['unknown_rate']:.2f}%) {top}".rstrip()
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echoic", description="End-to-end speech recognition.")
+    parser.add_argument("--version", action="version", version=f"echoic {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser(
+        "synth",
+        help="synthesize the built-in speech corpus",
+        description="Synthesize a deterministic speech corpus (16 kHz wav + train/dev/test "
+        "manifests) from real sentences with espeak-ng and festival.",
+    )
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--lang", choices=["en", "zh"], default="en", help="English or Mandarin")
+    synth.add_argument("--num-utts", type=int, default=2000, help="utterances over all splits")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, byte-identical corpus")
+    synth.add_argument(
+        "--noise-snr", type=float, default=None, metavar="DB", help="add noise at this SNR"
+    )
+    synth.add_argument(
+        "--jobs", type=int, default=None, help="parallel processes (default: all cores)"
+    )
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.set_defaults(run=_synth)
+
+    importer = commands.add_parser(
+        "import",
+        help="convert a corpus to an echoic manifest",
+        description="Convert a Kaldi data dir, a LibriSpeech-style tree, a folder of audio + .txt "
+        "files, or a lhotse CutSet into an echoic JSONL manifest.",
+    )
+    importer.add_argument(
+        "--format", required=True, choices=["kaldi", "librispeech", "folder", "lhotse"]
+    )
+    importer.add_argument("source", help="data dir, tree root, folder, or CutSet file")
+    importer.add_argument("--out", required=True, help="manifest to write (.jsonl)")
+    importer.add_argument(
+        "--normalize", action="store_true", help="lower-case, strip punctuation, spell numbers"
+    )
+    importer.add_argument(
+        "--lang", default=None, help="language tag for every utterance (e.g. en, zh)"
+    )
+    importer.set_defaults(run=_import)
+
+    prep = commands.add_parser(
+        "prepare",
+        help="train a tokenizer and compute CMVN statistics",
+        description="Train a char or BPE tokenizer on a manifest's transcripts and compute global "
+        "CMVN statistics of its fbank features.",
+    )
+    prep.add_argument("--manifest", required=True, help="training manifest")
+    prep.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
+    prep.add_argument("--vocab-size", type=int, default=500, help="BPE: total ids incl. specials")
+    prep.add_argument(
+        "--character-coverage", type=float, default=1.0, help="BPE: sentencepiece coverage"
+    )
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument(
+        "--report-on", nargs="*", default=[], metavar="MANIFEST", help="also report <unk> rates"
+    )
+    prep.add_argument("--sample-rate", type=int, default=16000)
+    prep.add_argument("--num-mel-bins", type=int, default=80)
+    prep.add_argument(
+        "--jobs", type=int, default=None, help="parallel processes (default: all cores)"
+    )
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.run(args)
+    except EchoicError as error:
+        print(f"echoic: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("echoic: interrupted", file=sys.stderr)
+        return 130
+    return 0

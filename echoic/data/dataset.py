@@ -1,0 +1,370 @@
+"""From batch plans to padded tensors, with every bad utterance skipped and counted.
+
+`AsrDataset[plan]` loads a whole batch (so one worker builds one batch and the
+result cannot depend on how many workers there are). `BatchLoader` runs it
+through a torch DataLoader, turns skip records into a per-pass summary, and
+raises the one error the config asks to be fatal (missing audio, when
+`on_missing_audio: error`) as a one-line message naming manifest file and line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from echoic.data import audio as audio_io
+from echoic.data.augment import SpecAugmentConfig, spec_augment, speed_perturb
+from echoic.data.features import FbankConfig, compute_fbank
+from echoic.data.manifest import Manifest
+from echoic.data.sampler import TOO_SHORT, BatchPlan, BucketBatchSampler
+from echoic.data.tokenizer import Tokenizer
+from echoic.errors import AudioError, ManifestError
+from echoic.seeding import make_rng
+
+log = logging.getLogger(__name__)
+
+IGNORE_ID = -1  # padding value of `Batch.tokens`
+EMPTY_TEXT = "empty_text"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    features: Literal["fbank", "waveform"] = "fbank"  # what the model's frontend consumes
+    sample_rate: int = 16000  # every file is resampled to this rate (soxr)
+    fbank: FbankConfig = FbankConfig()
+    speed_perturb: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.9, 1.0, 1.1]
+    spec_augment: SpecAugmentConfig | None = SpecAugmentConfig()  # null turns it off
+    max_frames: int | None = 12000  # padded frames per batch (batch size x longest utterance)
+    batch_size: int | None = None  # fixed utterances per batch instead of max_frames
+    max_batch_size: int | None = None  # cap on utterances per batch with max_frames
+    num_buckets: int = 20  # duration buckets: more means less padding, less randomness
+    min_duration: float = 0.1  # seconds; shorter utterances are skipped and counted
+    max_duration: float = 30.0  # seconds; longer utterances are skipped and counted
+    num_workers: int = 2  # data-loading processes (results do not depend on it)
+    on_missing_audio: Literal["skip", "error"] = "skip"  # a missing file is skipped or fatal
+
+    def __post_init__(self) -> None:
+        if (self.max_frames is None) == (self.batch_size is None):
+            raise ValueError("set exactly one of max_frames and batch_size")
+        if not self.speed_perturb or min(self.speed_perturb) <= 0:
+            raise ValueError("speed_perturb must list positive factors")
+        if self.min_duration > self.max_duration:
+            raise ValueError("min_duration is larger than max_duration")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must not be negative")
+
+    @property
+    def frames_per_second(self) -> float:
+        return 1000.0 / self.fbank.frame_shift_ms
+
+
+@dataclass(frozen=True)
+class Skip:
+    utt_id: str
+    reason: str  # short category, e.g. "empty_text", "truncated_audio"
+    message: str
+    where: str  # manifest "path:line"
+
+
+@dataclass
+class Batch:
+    """A padded batch. B utterances, T frames, F bins, S samples, U tokens."""
+
+    epoch: int
+    index: int  # global batch index within the epoch (see BucketBatchSampler)
+    ids: list[str]
+    texts: list[str]
+    durations: list[float]  # seconds of audio after speed perturbation
+    tokens: torch.Tensor | None  # (B, U) int64, padded with IGNORE_ID; None without tokenizer
+    token_lens: torch.Tensor | None  # (B,)
+    feats: torch.Tensor | None  # (B, T, F) float32, zero padded; None for waveform input
+    feat_lens: torch.Tensor | None  # (B,)
+    audio: torch.Tensor | None  # (B, S) float32, zero padded; None for fbank input
+    audio_lens: torch.Tensor | None  # (B,)
+    skipped: list[Skip] = field(default_factory=list)
+    unknown_chars: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def input_lens(self) -> torch.Tensor:
+        return self.feat_lens if self.feat_lens is not None else self.audio_lens
+
+    @property
+    def real_frames(self) -> int:
+        return int(self.input_lens.sum()) if self.size else 0
+
+    @property
+    def padded_frames(self) -> int:
+        return int(self.input_lens.max()) * self.size if self.size else 0
+
+    def pin_memory(self) -> Batch:
+        for name in ("tokens", "token_lens", "feats", "feat_lens", "audio", "audio_lens"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.pin_memory())
+        return self
+
+
+class AsrDataset:
+    """Loads, augments and collates the utterances of a `BatchPlan`.
+
+    Augmentation draws come from (seed, epoch, utterance id, purpose) only.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        tokenizer: Tokenizer | None,
+        config: DataConfig,
+        *,
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.config = config
+        self.seed = seed
+        self.augment = augment
+
+    def __getitem__(self, plan: BatchPlan) -> Batch:
+        items, skipped, unknown = [], [], Counter()
+        for index in plan.utterances:
+            utterance = self.manifest.utterances[index]
+            try:
+                items.append(self._load(utterance, plan.epoch, unknown))
+            except AudioError as error:
+                skipped.append(Skip(utterance.id, error.reason, str(error), self.manifest.where(index)))
+        return self._collate(plan, items, skipped, unknown)
+
+    def _load(self, utterance, epoch: int, unknown: Counter) -> dict:
+        config = self.config
+        tokens = None
+        if self.tokenizer is not None:
+            if not utterance.text.strip():
+                raise AudioError(EMPTY_TEXT, "empty transcript")
+            tokens = self.tokenizer.encode(utterance.text)
+            unknown.update(self.tokenizer.unknown_chars(utterance.text))
+        samples = audio_io.load_audio(
+            utterance.audio,
+            sample_rate=config.sample_rate,
+            offset=utterance.offset,
+            duration=utterance.duration,
+        )
+        seconds = samples.shape[0] / config.sample_rate
+        # The sampler already applied the limits to the manifest's durations; the audio
+        # read can still be shorter (within the truncation slack), never longer.
+        if seconds < config.min_duration:
+            raise AudioError(TOO_SHORT, f"{seconds:.3f} s is shorter than {config.min_duration} s")
+        if self.augment and len(config.speed_perturb) > 1:
+            factor = make_rng(self.seed, epoch, utterance.id, "speed").choice(config.speed_perturb)
+            samples = speed_perturb(samples, config.sample_rate, float(factor))
+        item = {"id": utterance.id, "text": utterance.text, "tokens": tokens}
+        item["duration"] = samples.shape[0] / config.sample_rate
+        if config.features == "waveform":
+            item["audio"] = samples
+            return item
+        dither_rng = make_rng(self.seed, epoch, utterance.id, "dither") if self.augment else None
+        fbank = config.fbank if self.augment else _without_dither(config.fbank)
+        feats = compute_fbank(samples, config.sample_rate, fbank, dither_rng)
+        if feats.shape[0] == 0:
+            raise AudioError(TOO_SHORT, "too short for a single feature frame")
+        if self.augment and config.spec_augment is not None:
+            rng = make_rng(self.seed, epoch, utterance.id, "spec-augment")
+            feats = spec_augment(feats, config.spec_augment, rng)
+        item["feats"] = feats
+        return item
+
+    def _collate(self, plan: BatchPlan, items: list[dict], skipped: list[Skip], unknown) -> Batch:
+        tokens = token_lens = feats = feat_lens = audio = audio_lens = None
+        if self.tokenizer is not None:
+            tokens, token_lens = _pad([np.asarray(i["tokens"], dtype=np.int64) for i in items], IGNORE_ID)
+        if self.config.features == "fbank":
+            dim = self.config.fbank.num_mel_bins
+            feats, feat_lens = _pad([i["feats"] for i in items], 0.0, trailing=(dim,))
+        else:
+            audio, audio_lens = _pad([i["audio"] for i in items], 0.0)
+        return Batch(
+            epoch=plan.epoch,
+            index=plan.index,
+            ids=[i["id"] for i in items],
+            texts=[i["text"] for i in items],
+            durations=[i["duration"] for i in items],
+            tokens=tokens,
+            token_lens=token_lens,
+            feats=feats,
+            feat_lens=feat_lens,
+            audio=audio,
+            audio_lens=audio_lens,
+            skipped=skipped,
+            unknown_chars=unknown,
+        )
+
+
+def _without_dither(config: FbankConfig) -> FbankConfig:
+    return FbankConfig(config.num_mel_bins, config.frame_length_ms, config.frame_shift_ms, 0.0)
+
+
+def _pad(
+    arrays: list[np.ndarray], value: float, trailing: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length arrays along a new batch axis. Returns (padded, lengths)."""
+    lengths = torch.tensor([a.shape[0] for a in arrays], dtype=torch.int64)
+    longest = int(lengths.max()) if arrays else 0
+    dtype = arrays[0].dtype if arrays else np.float32
+    padded = np.full((len(arrays), longest, *trailing), value, dtype=dtype)
+    for row, array in enumerate(arrays):
+        padded[row, : array.shape[0]] = array
+    return torch.from_numpy(padded), lengths
+
+
+@dataclass
+class PassReport:
+    """What one pass over a manifest used and skipped; logged at the end of the pass."""
+
+    epoch: int
+    batches: int = 0
+    utterances: int = 0
+    seconds: float = 0.0
+    real_frames: int = 0
+    padded_frames: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> first message seen
+    unknown_chars: Counter[str] = field(default_factory=Counter)
+
+    def add(self, batch: Batch) -> None:
+        self.batches += 1
+        self.utterances += batch.size
+        self.seconds += sum(batch.durations)
+        self.real_frames += batch.real_frames
+        self.padded_frames += batch.padded_frames
+        self.unknown_chars.update(batch.unknown_chars)
+        for skip in batch.skipped:
+            self.skipped[skip.reason] += 1
+            self.examples.setdefault(skip.reason, f"{skip.where}: {skip.utt_id}: {skip.message}")
+
+    def add_excluded(self, reason: str, count: int, example: str) -> None:
+        if count:
+            self.skipped[reason] += count
+            self.examples.setdefault(reason, example)
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_frames / self.padded_frames if self.padded_frames else 1.0
+
+    def summary(self) -> str:
+        text = (
+            f"epoch {self.epoch}: {self.utterances} utterances ({self.seconds / 3600:.2f} h) "
+            f"in {self.batches} batches, padding efficiency {self.padding_efficiency:.3f}"
+        )
+        if self.skipped:
+            parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            text += f"; skipped {sum(self.skipped.values())} ({parts})"
+        if self.unknown_chars:
+            top = ", ".join(f"{c!r} x{n}" for c, n in self.unknown_chars.most_common(5))
+            text += f"; {sum(self.unknown_chars.values())} unknown characters mapped to <unk> ({top})"
+        return text
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "utterances": self.utterances,
+            "hours": self.seconds / 3600,
+            "padding_efficiency": self.padding_efficiency,
+            "skipped": dict(self.skipped),
+            "skip_examples": dict(self.examples),
+            "unknown_chars": dict(self.unknown_chars),
+        }
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Workers do numpy work; one torch thread each keeps them from fighting over cores.
+    torch.set_num_threads(1)
+
+
+class BatchLoader:
+    """Iterates the sampler's current pass as `Batch`es, loading with `num_workers` processes.
+
+    Batches with every utterance skipped are still yielded (size 0), so a consumer can
+    track its position exactly; `last_report` holds the summary of the latest pass.
+    """
+
+    def __init__(self, dataset: AsrDataset, sampler: BucketBatchSampler, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.num_workers = num_workers
+        self.last_report: PassReport | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        report = PassReport(epoch=self.sampler.epoch)
+        manifest = self.dataset.manifest
+        for reason, indices in self.sampler.excluded.items():
+            if indices:
+                first = manifest.utterances[indices[0]]
+                example = f"{manifest.where(indices[0])}: {first.id}: manifest duration {first.duration} s"
+                report.add_excluded(reason, len(indices), example)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            sampler=self.sampler,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            worker_init_fn=_worker_init if self.num_workers else None,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        fatal_missing = self.dataset.config.on_missing_audio == "error"
+        for batch in loader:
+            for skip in batch.skipped:
+                if fatal_missing and skip.reason == audio_io.MISSING:
+                    raise ManifestError(f"{skip.where}: {skip.message}")
+            report.add(batch)
+            yield batch
+        self.last_report = report
+        log.info("data pass summary: %s", report.summary())
+
+
+def build_loader(
+    manifest: Manifest,
+    tokenizer: Tokenizer | None,
+    config: DataConfig,
+    *,
+    seed: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BatchLoader:
+    """The loader for training (shuffled, augmented) or evaluation (sorted, clean)."""
+    length_factor = 1.0 / min(config.speed_perturb) if train else 1.0
+    sampler = BucketBatchSampler(
+        [u.duration for u in manifest.utterances],
+        frames_per_second=config.frames_per_second,
+        max_frames=config.max_frames,
+        batch_size=config.batch_size,
+        max_batch_size=config.max_batch_size,
+        num_buckets=config.num_buckets,
+        shuffle=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        min_duration=config.min_duration,
+        max_duration=config.max_duration,
+        length_factor=length_factor,
+    )
+    dataset = AsrDataset(manifest, tokenizer, config, seed=seed, augment=train)
+    return BatchLoader(dataset, sampler, num_workers=config.num_workers)

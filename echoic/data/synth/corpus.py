@@ -1,0 +1,269 @@
+"""`echoic synth`: a deterministic speech corpus from real sentences and two synthesizers.
+
+The corpus is planned first, as a pure function of (language, size, seed): which
+sentence, voice, speaking rate, pitch and level each utterance gets. Sentences are
+split before anything else, so test (and dev) sentences never occur in train, and
+some voices are reserved for the test split. Synthesis then runs in parallel; every
+utterance's audio depends only on its own plan, so the corpus is byte-identical
+whatever `jobs` is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from echoic.data.audio import resample
+from echoic.data.manifest import Utterance, write_manifest
+from echoic.data.synth.text_source import sentences
+from echoic.data.synth.voices import Voice, check_voices, espeak_audio, festival_audio, voices_for
+from echoic.errors import EchoicError
+from echoic.seeding import make_rng
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+SPLITS = ("train", "dev", "test")
+FESTIVAL_SHARE = 0.3  # of English utterances: festival's voices are few but natural
+TEST_ONLY_SHARE = 0.35  # of test utterances spoken by voices never heard in train
+ESPEAK_RATE = (135, 195)  # words per minute
+ESPEAK_PITCH = (25, 75)  # espeak's 0-99 pitch scale
+FESTIVAL_STRETCH = (0.85, 1.2)  # duration stretch (>1 is slower)
+FESTIVAL_PITCH = (0.9, 1.1)  # pitch and formant factor, applied by resampling
+PEAK_LEVEL = (0.25, 0.95)  # peak amplitude, so levels vary like real recordings
+FESTIVAL_CHUNK = 24  # utterances per festival process (the voice loads once per process)
+ESPEAK_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class PlannedUtterance:
+    id: str
+    split: str
+    text: str
+    voice: Voice
+    rate: float  # espeak: words per minute; festival: duration stretch
+    pitch: float  # espeak: 0-99 pitch; festival: pitch factor
+    peak: float  # peak amplitude of the clean speech
+
+
+def split_sizes(num_utts: int, dev_fraction: float, test_fraction: float) -> dict[str, int]:
+    if num_utts < 3:
+        raise EchoicError("--num-utts must be at least 3 (one utterance per split)")
+    test = max(1, round(num_utts * test_fraction))
+    dev = max(1, round(num_utts * dev_fraction))
+    if test + dev >= num_utts:
+        raise EchoicError("dev and test fractions leave no training utterances")
+    return {"train": num_utts - dev - test, "dev": dev, "test": test}
+
+
+def plan_corpus(
+    lang: str,
+    num_utts: int,
+    seed: int,
+    voices: Sequence[Voice],
+    *,
+    dev_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+) -> list[PlannedUtterance]:
+    """Every utterance's sentence, voice and prosody. Pure: no audio is made here."""
+    pool = sentences(lang)
+    sizes = split_sizes(num_utts, dev_fraction, test_fraction)
+    order = make_rng(seed, lang, "sentences").permutation(len(pool))
+    # Test and dev get their own sentences first; train draws from the rest (repeating
+    # sentences, with other voices, only when asked for more utterances than exist).
+    held_out = sizes["test"] + sizes["dev"]
+    if held_out >= len(pool):
+        raise EchoicError(f"only {len(pool)} sentences available: ask for fewer utterances")
+    sentence_ids = {
+        "test": order[: sizes["test"]],
+        "dev": order[sizes["test"] : held_out],
+        "train": order[held_out:],
+    }
+    train_voices = [v for v in voices if not v.test_only]
+    test_voices = [v for v in voices if v.test_only]
+    plans = []
+    for split in SPLITS:
+        ids = sentence_ids[split]
+        for number in range(sizes[split]):
+            utt_id = f"{lang}-{split}-{number:06d}"
+            rng = make_rng(seed, lang, "voice", utt_id)
+            if split == "test" and test_voices and rng.random() < TEST_ONLY_SHARE:
+                voice = test_voices[rng.integers(len(test_voices))]
+            else:
+                voice = _pick_voice(train_voices, rng)
+            if voice.engine == "espeak":
+                rate, pitch = float(rng.integers(*ESPEAK_RATE)), float(rng.integers(*ESPEAK_PITCH))
+            else:
+                rate = round(float(rng.uniform(*FESTIVAL_STRETCH)), 3)
+                pitch = round(float(rng.uniform(*FESTIVAL_PITCH)), 3)
+            peak = round(float(rng.uniform(*PEAK_LEVEL)), 3)
+            text = pool[ids[number % len(ids)]]
+            plans.append(PlannedUtterance(utt_id, split, text, voice, rate, pitch, peak))
+    return plans
+
+
+def _pick_voice(voices: Sequence[Voice], rng: np.random.Generator) -> Voice:
+    festival = [v for v in voices if v.engine == "festival"]
+    espeak = [v for v in voices if v.engine == "espeak"]
+    if festival and (not espeak or rng.random() < FESTIVAL_SHARE):
+        return festival[rng.integers(len(festival))]
+    return espeak[rng.integers(len(espeak))]
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+def add_noise(samples: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """Add white, pink or brown noise at `snr_db` relative to the speech power."""
+    colour = rng.choice(["white", "pink", "brown"])
+    white = rng.standard_normal(samples.shape[0])
+    if colour != "white":
+        spectrum = np.fft.rfft(white)
+        freqs = np.fft.rfftfreq(samples.shape[0])
+        freqs[0] = freqs[1] if len(freqs) > 1 else 1.0
+        spectrum /= np.sqrt(freqs) if colour == "pink" else freqs
+        white = np.fft.irfft(spectrum, n=samples.shape[0])
+    speech_power = float(np.mean(np.square(samples, dtype=np.float64)))
+    noise_power = float(np.mean(np.square(white))) or 1.0
+    scale = np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))
+    return (samples + white * scale).astype(np.float32)
+
+
+def render(
+    plan: PlannedUtterance, raw: np.ndarray, raw_rate: int, seed: int, noise_snr: float | None
+) -> np.ndarray:
+    """From synthesizer output to the corpus's 16 kHz audio: rate, pitch, level, noise."""
+    samples = raw if raw.ndim == 1 else raw.mean(axis=1)
+    # Festival's pitch factor: treat the audio as recorded at rate*pitch (higher pitch and
+    # formants, shorter); the synthesis stretch already compensated the duration.
+    source_rate = raw_rate * plan.pitch if plan.voice.engine == "festival" else raw_rate
+    samples = resample(samples, source_rate, SAMPLE_RATE)
+    peak = float(np.max(np.abs(samples))) or 1.0
+    samples = samples * (plan.peak / peak)
+    if noise_snr is not None:
+        samples = add_noise(samples, noise_snr, make_rng(seed, plan.id, "noise"))
+    return np.clip(samples, -1.0, 32767 / 32768)
+
+
+def _wav_path(out_dir: Path, plan: PlannedUtterance) -> Path:
+    return out_dir / "wav" / plan.split / f"{plan.id}.wav"
+
+
+def _synthesize_chunk(job: tuple[list[PlannedUtterance], str, int, float | None]) -> list[tuple[str, int]]:
+    plans, out_dir, seed, noise_snr = job
+    voice = plans[0].voice
+    if voice.engine == "espeak":
+        raw = [
+            espeak_audio(p.voice.name, p.text, words_per_minute=int(p.rate), pitch=int(p.pitch))
+            for p in plans
+        ]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = festival_audio(voice.name, [(p.text, p.rate * p.pitch) for p in plans], tmp)
+    written = []
+    for plan, (samples, rate) in zip(plans, raw):
+        audio = render(plan, samples, rate, seed, noise_snr)
+        path = _wav_path(Path(out_dir), plan)
+        sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+        written.append((plan.id, audio.shape[0]))
+    return written
+
+
+def _chunks(plans: Sequence[PlannedUtterance]) -> list[list[PlannedUtterance]]:
+    """Group by voice for festival (one voice per process); plain slices for espeak."""
+    chunks: list[list[PlannedUtterance]] = []
+    by_voice: dict[str, list[PlannedUtterance]] = {}
+    espeak = []
+    for plan in plans:
+        if plan.voice.engine == "festival":
+            by_voice.setdefault(plan.voice.name, []).append(plan)
+        else:
+            espeak.append(plan)
+    for group in by_voice.values():
+        chunks += [group[i : i + FESTIVAL_CHUNK] for i in range(0, len(group), FESTIVAL_CHUNK)]
+    chunks += [espeak[i : i + ESPEAK_CHUNK] for i in range(0, len(espeak), ESPEAK_CHUNK)]
+    return chunks
+
+
+def synthesize_corpus(
+    out_dir: str | Path,
+    *,
+    lang: str = "en",
+    num_utts: int = 2000,
+    seed: int = 0,
+    noise_snr: float | None = None,
+    jobs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write wav/<split>/*.wav, train.jsonl, dev.jsonl, test.jsonl and corpus.json under
+    `out_dir`. Returns the corpus summary (also in corpus.json)."""
+    out_dir = Path(out_dir)
+    voices = check_voices(voices_for(lang), lang)
+    plans = plan_corpus(lang, num_utts, seed, voices)
+    for split in SPLITS:
+        (out_dir / "wav" / split).mkdir(parents=True, exist_ok=True)
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    work = [(chunk, str(out_dir), seed, noise_snr) for chunk in _chunks(plans)]
+    lengths: dict[str, int] = {}
+    with tqdm(total=len(plans), desc=f"synth {lang}", unit="utt", disable=not progress) as bar:
+        if jobs == 1:
+            results = map(_synthesize_chunk, work)
+            for written in results:
+                lengths.update(written)
+                bar.update(len(written))
+        else:
+            with multiprocessing.get_context("fork").Pool(jobs) as pool:
+                for written in pool.imap_unordered(_synthesize_chunk, work):
+                    lengths.update(written)
+                    bar.update(len(written))
+    summary = _write_manifests(out_dir, plans, lengths, lang)
+    summary.update(
+        lang=lang,
+        seed=seed,
+        noise_snr=noise_snr,
+        voices=[v.id for v in voices if not v.test_only],
+        test_only_voices=[v.id for v in voices if v.test_only],
+        dropped_voices=[v.id for v in voices_for(lang) if v not in voices],
+    )
+    (out_dir / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _write_manifests(out_dir: Path, plans: list[PlannedUtterance], lengths: dict[str, int], lang: str) -> dict:
+    summary: dict = {"splits": {}}
+    for split in SPLITS:
+        chosen = [p for p in plans if p.split == split]
+        utterances = [
+            Utterance(
+                id=p.id,
+                audio=str(_wav_path(out_dir.resolve(), p)),
+                text=p.text,
+                duration=lengths[p.id] / SAMPLE_RATE,
+                speaker=p.voice.id,
+                lang=lang,
+            )
+            for p in chosen
+        ]
+        write_manifest(out_dir / f"{split}.jsonl", utterances)
+        # Mandarin is written without spaces: count characters instead of words.
+        unit = "chars" if lang == "zh" else "words"
+        words = Counter(w for p in chosen for w in (list(p.text) if lang == "zh" else p.text.split()))
+        summary["splits"][split] = {
+            "utterances": len(chosen),
+            "hours": round(sum(u.duration for u in utterances) / 3600, 4),
+            "distinct_sentences": len({p.text for p in chosen}),
+            f"distinct_{unit}": len(words),
+            "voices": len({p.voice.id for p in chosen}),
+        }
+    return summary
