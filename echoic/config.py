@@ -50,6 +50,21 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
         raise ConfigError(f"'{where}': {error}") from None
 
 
+def one_of(config: Any, names: list[str], default: dict[str, Any] | None = None) -> str:
+    """For a frozen config's __post_init__: exactly one of the sections `names` is set
+    (when none is, `default` supplies one). Returns the name of the one set."""
+    chosen = [name for name in names if getattr(config, name) is not None]
+    if not chosen and default:
+        for name, value in default.items():
+            object.__setattr__(config, name, value)
+        chosen = list(default)
+    if len(chosen) != 1:
+        raise ValueError(
+            f"set exactly one of {', '.join(names)} (got {', '.join(chosen) or 'none'})"
+        )
+    return chosen[0]
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """The plain-data form of a config dataclass (what `from_dict` reads back)."""
     return dataclasses.asdict(config)

@@ -7,6 +7,7 @@ import torch
 from conftest import write_sine
 
 from echoic.data.dataset import IGNORE_ID, AsrDataset, BatchLoader, DataConfig, build_loader
+from echoic.data.features import InputSpec
 from echoic.data.manifest import Utterance, read_manifest, write_manifest
 from echoic.data.tokenizer import CharTokenizer
 from echoic.errors import ManifestError
@@ -110,7 +111,12 @@ def test_evaluation_loader_is_clean_and_sorted(corpus):
 def test_waveform_batches_for_self_supervised_frontends(corpus):
     manifest = read_manifest(corpus / "dev.jsonl")
     loader = build_loader(
-        manifest, None, _config(features="waveform", num_workers=0), seed=0, train=False
+        manifest,
+        None,
+        _config(num_workers=0),
+        input_spec=InputSpec("waveform"),
+        seed=0,
+        train=False,
     )
     batch = next(iter(loader))
     assert batch.feats is None and batch.audio.dim() == 2

@@ -31,8 +31,23 @@ def test_prepare_char(corpus, tmp_path, capsys):
 
 def test_prepare_bpe(corpus, tmp_path):
     out = tmp_path / "bpe"
-    assert main(["prepare", "--manifest", str(corpus / "train.jsonl"), "--tokenizer", "bpe",
-                 "--vocab-size", "60", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--manifest",
+                str(corpus / "train.jsonl"),
+                "--tokenizer",
+                "bpe",
+                "--vocab-size",
+                "60",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     tokenizer = load_tokenizer(out / "tokenizer.json")
     assert tokenizer.kind == "bpe" and tokenizer.vocab_size <= 60
 

@@ -20,7 +20,7 @@ import torch
 
 from echoic.data import audio as audio_io
 from echoic.data.augment import SpecAugmentConfig, spec_augment, speed_perturb
-from echoic.data.features import FbankConfig, compute_fbank
+from echoic.data.features import FBANK_80, FbankConfig, InputSpec, compute_fbank
 from echoic.data.manifest import Manifest
 from echoic.data.sampler import TOO_SHORT, BatchPlan, BucketBatchSampler
 from echoic.data.tokenizer import Tokenizer
@@ -35,9 +35,9 @@ EMPTY_TEXT = "empty_text"
 
 @dataclass(frozen=True)
 class DataConfig:
-    features: Literal["fbank", "waveform"] = "fbank"  # what the model's frontend consumes
-    sample_rate: int = 16000  # every file is resampled to this rate (soxr)
-    fbank: FbankConfig = FbankConfig()
+    """Batching and augmentation. What features to compute is not here: it comes from the
+    model's frontend (`InputSpec`), so it is configured once."""
+
     speed_perturb: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.9, 1.0, 1.1]
     spec_augment: SpecAugmentConfig | None = SpecAugmentConfig()  # null turns it off
     max_frames: int | None = 12000  # padded frames per batch (batch size x longest utterance)
@@ -58,10 +58,6 @@ class DataConfig:
             raise ValueError("min_duration is larger than max_duration")
         if self.num_workers < 0:
             raise ValueError("num_workers must not be negative")
-
-    @property
-    def frames_per_second(self) -> float:
-        return 1000.0 / self.fbank.frame_shift_ms
 
 
 @dataclass(frozen=True)
@@ -126,12 +122,14 @@ class AsrDataset:
         tokenizer: Tokenizer | None,
         config: DataConfig,
         *,
+        input_spec: InputSpec = FBANK_80,
         seed: int = 0,
         augment: bool = True,
     ) -> None:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.config = config
+        self.input_spec = input_spec
         self.seed = seed
         self.augment = augment
 
@@ -146,7 +144,7 @@ class AsrDataset:
         return self._collate(plan, items, skipped, unknown)
 
     def _load(self, utterance, epoch: int, unknown: Counter) -> dict:
-        config = self.config
+        config, spec = self.config, self.input_spec
         tokens = None
         if self.tokenizer is not None:
             if not utterance.text.strip():
@@ -155,26 +153,26 @@ class AsrDataset:
             unknown.update(self.tokenizer.unknown_chars(utterance.text))
         samples = audio_io.load_audio(
             utterance.audio,
-            sample_rate=config.sample_rate,
+            sample_rate=spec.sample_rate,
             offset=utterance.offset,
             duration=utterance.duration,
         )
-        seconds = samples.shape[0] / config.sample_rate
+        seconds = samples.shape[0] / spec.sample_rate
         # The sampler already applied the limits to the manifest's durations; the audio
         # read can still be shorter (within the truncation slack), never longer.
         if seconds < config.min_duration:
             raise AudioError(TOO_SHORT, f"{seconds:.3f} s is shorter than {config.min_duration} s")
         if self.augment and len(config.speed_perturb) > 1:
             factor = make_rng(self.seed, epoch, utterance.id, "speed").choice(config.speed_perturb)
-            samples = speed_perturb(samples, config.sample_rate, float(factor))
+            samples = speed_perturb(samples, spec.sample_rate, float(factor))
         item = {"id": utterance.id, "text": utterance.text, "tokens": tokens}
-        item["duration"] = samples.shape[0] / config.sample_rate
-        if config.features == "waveform":
+        item["duration"] = samples.shape[0] / spec.sample_rate
+        if spec.kind == "waveform":
             item["audio"] = samples
             return item
         dither_rng = make_rng(self.seed, epoch, utterance.id, "dither") if self.augment else None
-        fbank = config.fbank if self.augment else _without_dither(config.fbank)
-        feats = compute_fbank(samples, config.sample_rate, fbank, dither_rng)
+        fbank = spec.fbank if self.augment else _without_dither(spec.fbank)
+        feats = compute_fbank(samples, spec.sample_rate, fbank, dither_rng)
         if feats.shape[0] == 0:
             raise AudioError(TOO_SHORT, "too short for a single feature frame")
         if self.augment and config.spec_augment is not None:
@@ -187,8 +185,8 @@ class AsrDataset:
         tokens = token_lens = feats = feat_lens = audio = audio_lens = None
         if self.tokenizer is not None:
             tokens, token_lens = _pad([np.asarray(i["tokens"], dtype=np.int64) for i in items], IGNORE_ID)
-        if self.config.features == "fbank":
-            dim = self.config.fbank.num_mel_bins
+        if self.input_spec.kind == "fbank":
+            dim = self.input_spec.fbank.num_mel_bins
             feats, feat_lens = _pad([i["feats"] for i in items], 0.0, trailing=(dim,))
         else:
             audio, audio_lens = _pad([i["audio"] for i in items], 0.0)
@@ -344,16 +342,18 @@ def build_loader(
     tokenizer: Tokenizer | None,
     config: DataConfig,
     *,
+    input_spec: InputSpec = FBANK_80,
     seed: int,
     train: bool,
     rank: int = 0,
     world_size: int = 1,
 ) -> BatchLoader:
-    """The loader for training (shuffled, augmented) or evaluation (sorted, clean)."""
+    """The loader for training (shuffled, augmented) or evaluation (sorted, clean).
+    `input_spec` is the model's (`model.input_spec`): which features to compute."""
     length_factor = 1.0 / min(config.speed_perturb) if train else 1.0
     sampler = BucketBatchSampler(
         [u.duration for u in manifest.utterances],
-        frames_per_second=config.frames_per_second,
+        frames_per_second=input_spec.frames_per_second,
         max_frames=config.max_frames,
         batch_size=config.batch_size,
         max_batch_size=config.max_batch_size,
@@ -366,5 +366,5 @@ def build_loader(
         max_duration=config.max_duration,
         length_factor=length_factor,
     )
-    dataset = AsrDataset(manifest, tokenizer, config, seed=seed, augment=train)
+    dataset = AsrDataset(manifest, tokenizer, config, input_spec=input_spec, seed=seed, augment=train)
     return BatchLoader(dataset, sampler, num_workers=config.num_workers)

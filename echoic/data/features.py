@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import kaldi_native_fbank as knf
 import numpy as np
@@ -78,6 +79,28 @@ def compute_fbank(
     if count == 0:
         return np.zeros((0, config.num_mel_bins), dtype=np.float32)
     return np.stack([fbank.get_frame(i) for i in range(count)]).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the data pipeline must produce for a model: fbank with these options, or the
+    raw waveform, at `sample_rate`. Models report it (their frontend's `input_spec`)."""
+
+    kind: Literal["fbank", "waveform"]
+    sample_rate: int = 16000
+    fbank: FbankConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind == "fbank") != (self.fbank is not None):
+            raise ValueError("an fbank input spec needs fbank options, a waveform one none")
+
+    @property
+    def frames_per_second(self) -> float:
+        """Unit of `max_frames` in batching: feature frames, or 10 ms of waveform."""
+        return 1000.0 / self.fbank.frame_shift_ms if self.fbank else 100.0
+
+
+FBANK_80 = InputSpec("fbank", 16000, FbankConfig())  # the default: 80-dim fbank at 16 kHz
 
 
 @dataclass

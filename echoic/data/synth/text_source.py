@@ -25,7 +25,7 @@ ENGLISH_FILES = (
     "law", "literature", "love", "magic", "medicine", "men-women", "miscellaneous",
     "people", "pets", "platitudes", "politics", "riddles", "science", "songs-poems",
     "sports", "tao", "wisdom", "work",
-)  # fmt: skip
+)
 MANDARIN_FILES = ("tang300", "song100", "chinese")
 
 MIN_WORDS, MAX_WORDS = 3, 20  # English sentence length

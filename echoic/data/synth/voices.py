@@ -57,7 +57,7 @@ ENGLISH_VOICES: tuple[Voice, ...] = (
     Voice("festival", "kal_diphone"),
     Voice("festival", "ked_diphone"),
     Voice("festival", "cmu_us_slt_arctic_hts"),
-)  # fmt: skip
+)
 
 MANDARIN_VOICES: tuple[Voice, ...] = (
     *_espeak([
@@ -65,7 +65,7 @@ MANDARIN_VOICES: tuple[Voice, ...] = (
         for v in ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "Annie")
     ]),
     *_espeak(["cmn-latn-pinyin+f5", "cmn-latn-pinyin+m7"], test_only=True),
-)  # fmt: skip
+)
 
 PROBE_TEXT = {"en": "the quick brown fox jumps over the lazy dog", "zh": "今天天气很好我们去公园散步"}
 

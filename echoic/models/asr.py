@@ -1,0 +1,149 @@
+"""The ASR model family: frontend -> encoder -> any combination of CTC, attention and
+transducer heads, under one metrics contract.
+
+Dimensions flow from the producer: the encoder is built with the frontend's
+`output_dim`, the heads with the encoder's, and the vocabulary size comes from the
+tokenizer. A config states each of them nowhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from echoic.config import one_of
+from echoic.data.dataset import Batch
+from echoic.data.features import CmvnStats, InputSpec
+from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
+from echoic.models.encoders import ConformerConfig, Encoder, TransformerConfig
+from echoic.models.frontend import FrontendConfig, build_frontend
+from echoic.models.heads import HeadOutput
+from echoic.models.heads.attention import AttentionDecoderConfig, AttentionHead
+from echoic.models.heads.ctc import CtcConfig, CtcHead
+from echoic.models.heads.transducer import TransducerConfig, TransducerHead
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Exactly one kind; a Conformer when none is given."""
+
+    conformer: ConformerConfig | None = None
+    transformer: TransformerConfig | None = None
+
+    def __post_init__(self) -> None:
+        one_of(self, ["conformer", "transformer"], default={"conformer": ConformerConfig()})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    frontend: FrontendConfig = FrontendConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    ctc: CtcConfig | None = None  # a section (even empty: `ctc: {}`) adds the head
+    attention: AttentionDecoderConfig | None = None
+    transducer: TransducerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.ctc is None and self.attention is None and self.transducer is None:
+            raise ValueError("the model needs at least one head: ctc, attention or transducer")
+
+
+class AsrModel(nn.Module):
+    """forward(batch) -> StepOutput with exactly `metric_units`' keys:
+
+    loss         weighted sum of the present heads' losses, per utterance
+    loss_ctc     CTC loss per utterance, None without a CTC head
+    loss_att     attention-decoder loss per utterance (label-smoothed CE summed over
+                 tokens), None without one
+    loss_rnnt    transducer loss per utterance, None without one
+    th_accuracy  token accuracy in [0, 1]: teacher-forced accuracy of the attention
+                 decoder (next token given the true history, <eos> included) when there
+                 is one; otherwise the reference tokens matched by greedy CTC output,
+                 or by greedy transducer output when there is no CTC head either.
+    """
+
+    # Declared once for the family: every ASR model reports these, whatever its heads.
+    metric_units: ClassVar[dict[str, Unit]] = {
+        "loss": UTTERANCES,
+        **CtcHead.metrics,
+        **AttentionHead.metrics,
+        **TransducerHead.metrics,
+        "th_accuracy": TOKENS,
+    }
+
+    def __init__(
+        self,
+        frontend: nn.Module,
+        encoder: Encoder,
+        *,
+        ctc: CtcHead | None = None,
+        attention: AttentionHead | None = None,
+        transducer: TransducerHead | None = None,
+    ) -> None:
+        super().__init__()
+        if ctc is None and attention is None and transducer is None:
+            raise ValueError("an AsrModel needs at least one head")
+        self.frontend = frontend
+        self.encoder = encoder
+        self.ctc, self.attention, self.transducer = ctc, attention, transducer
+        self.accuracy_head = attention or ctc or transducer
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.frontend.input_spec
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        return [h for h in (self.ctc, self.attention, self.transducer) if h is not None]
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> encoder output (B, T', D), lengths (B,)."""
+        feats, lengths = self.frontend(batch)
+        return self.encoder(feats, lengths)
+
+    def forward(self, batch: Batch) -> StepOutput:
+        if batch.tokens is None:
+            raise ValueError("training an ASR model needs batches with tokens (a tokenizer)")
+        encoded, encoded_lens = self.encode(batch)
+        metrics: dict[str, Metric | None] = dict.fromkeys(self.metric_units)
+        total = encoded.new_zeros((), dtype=torch.float32)
+        accuracy = None
+        for head in self.heads:
+            out: HeadOutput = head(
+                encoded,
+                encoded_lens,
+                batch.tokens,
+                batch.token_lens,
+                with_accuracy=head is self.accuracy_head,
+            )
+            total = total + head.weight * out.loss
+            metrics.update(out.metrics)
+            accuracy = accuracy or out.accuracy
+        metrics["loss"] = Metric(float(total.detach()), float(batch.size), UTTERANCES)
+        metrics["th_accuracy"] = accuracy
+        return StepOutput(loss=total, weight=batch.size, metrics=metrics)
+
+
+def build_model(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:
+    """The model for `config`, with the vocabulary size from the tokenizer and, for an
+    fbank frontend with global CMVN, the statistics from `echoic prepare`."""
+    frontend = build_frontend(config.frontend)
+    if cmvn is not None:
+        frontend.set_cmvn(cmvn)
+    kind = config.encoder.conformer or config.encoder.transformer
+    encoder = Encoder(kind, input_dim=frontend.output_dim)
+    dim = encoder.output_dim
+    sos_eos = vocab_size - 1  # the tokenizer layout: <blank> 0, <unk> 1, ..., <sos/eos> last
+    return AsrModel(
+        frontend,
+        encoder,
+        ctc=CtcHead(dim, vocab_size, config.ctc) if config.ctc else None,
+        attention=AttentionHead(dim, vocab_size, config.attention, sos_eos)
+        if config.attention
+        else None,
+        transducer=TransducerHead(dim, vocab_size, config.transducer)
+        if config.transducer
+        else None,
+    )

@@ -1,0 +1,232 @@
+"""Encoders: Conformer and Transformer, with conv2d subsampling by 4, 6 or 8.
+
+An encoder is built from its config and the frontend's `output_dim` (never typed in
+a config) and reports its own `output_dim`, `subsampling` factor and the shortest
+input it can take (`min_input_frames`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from echoic.models.layers import (
+    ConvModule,
+    Dropout,
+    FeedForward,
+    MultiHeadAttention,
+    RelativePositions,
+    lengths_to_mask,
+    rotary_tables,
+    sinusoids,
+)
+
+# (kernel, stride) of each conv2d layer, per subsampling factor.
+_SUBSAMPLING_LAYERS = {4: ((3, 2), (3, 2)), 6: ((3, 2), (5, 3)), 8: ((3, 2), (3, 2), (3, 2))}
+
+
+@dataclass(frozen=True)
+class ConformerConfig:
+    d_model: int = 256  # width of every block
+    num_layers: int = 12
+    num_heads: int = 4
+    ffn_dim: int = 1024  # hidden width of each of the two (macaron) feed-forward modules
+    conv_kernel: int = 15  # depthwise convolution width, odd
+    conv_norm: Literal["batch_norm", "layer_norm"] = "batch_norm"
+    positional: Literal["rel_pos", "rope"] = "rel_pos"  # rel_pos: Transformer-XL (as the paper)
+    subsampling: Literal[4, 6, 8] = 4  # time reduction of the conv2d front
+    subsampling_channels: int | None = None  # conv2d channels; None means d_model
+    dropout: float = 0.1  # on block outputs, feed-forward hidden units and positions
+    attention_dropout: float = 0.0  # on attention weights
+    gradient_checkpointing: bool = False  # recompute each block in backward to save memory
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    d_model: int = 256
+    num_layers: int = 12
+    num_heads: int = 4
+    ffn_dim: int = 2048
+    positional: Literal["absolute", "rel_pos", "rope"] = "absolute"  # absolute: sinusoids added
+    subsampling: Literal[4, 6, 8] = 4
+    subsampling_channels: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
+            )
+
+
+class Conv2dSubsampling(nn.Module):
+    """Conv2d layers (ReLU) over (time, frequency), then a linear map to d_model.
+
+    Runs in channels_last layout, weights included (a weight left in the default
+    layout makes oneDNN reorder the activations): its convolutions, their backward
+    especially, are about 1.4x faster that way on CPU, and the (B, C, T', F') output is
+    then physically (B, T', F', C), so flattening to (B, T', F'*C) needs no copy.
+    (B, T, F) -> (B, T', d_model).
+    """
+
+    def __init__(
+        self, input_dim: int, d_model: int, factor: int, channels: int | None = None
+    ) -> None:
+        super().__init__()
+        if factor not in _SUBSAMPLING_LAYERS:
+            raise ValueError(f"subsampling must be 4, 6 or 8, got {factor}")
+        channels = channels or d_model
+        self.layers = _SUBSAMPLING_LAYERS[factor]
+        self.convs = nn.ModuleList()
+        freq = input_dim
+        in_channels = 1
+        for kernel, stride in self.layers:
+            conv = nn.Conv2d(in_channels, channels, kernel, stride)
+            self.convs.append(conv.to(memory_format=torch.channels_last))
+            freq = (freq - kernel) // stride + 1
+            in_channels = channels
+        if freq < 1:
+            raise ValueError(f"input_dim {input_dim} is too small for subsampling by {factor}")
+        self.linear = nn.Linear(channels * freq, d_model)
+        self.factor = factor
+        self.min_input_frames = 1
+        for kernel, stride in reversed(self.layers):
+            self.min_input_frames = (self.min_input_frames - 1) * stride + kernel
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        for kernel, stride in self.layers:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return lengths.clamp(min=0)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
+        for conv in self.convs:
+            x = torch.relu_(conv(x))  # in place: the conv's output is not needed for its backward
+        batch, channels, frames, freq = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(batch, frames, freq * channels)
+        return self.linear(x), self.output_lengths(lengths)
+
+
+class ConformerBlock(nn.Module):
+    """x + 1/2 FF(x); x + MHSA(x); x + Conv(x); x + 1/2 FF(x); LayerNorm (pre-norm inside)."""
+
+    def __init__(self, config: ConformerConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.ff_in_norm, self.ff_in = (
+            nn.LayerNorm(d),
+            FeedForward(d, config.ffn_dim, config.dropout, "swish"),
+        )
+        self.attn_norm = nn.LayerNorm(d)
+        self.attn = MultiHeadAttention(
+            d, config.num_heads, config.attention_dropout, config.positional
+        )
+        self.conv_norm, self.conv = (
+            nn.LayerNorm(d),
+            ConvModule(d, config.conv_kernel, config.conv_norm),
+        )
+        self.ff_out_norm, self.ff_out = (
+            nn.LayerNorm(d),
+            FeedForward(d, config.ffn_dim, config.dropout, "swish"),
+        )
+        self.final_norm = nn.LayerNorm(d)
+        # Every module here ends in a Linear, whose output its backward never reads.
+        self.dropout = Dropout(config.dropout, inplace=True)
+
+    def forward(self, x, valid, attn_mask, positions) -> torch.Tensor:
+        x = torch.add(x, self.dropout(self.ff_in(self.ff_in_norm(x))), alpha=0.5)
+        y = self.attn_norm(x)
+        x = x + self.dropout(self.attn(y, y, y, mask=attn_mask, positions=positions))
+        x = x + self.dropout(self.conv(self.conv_norm(x), valid))
+        x = torch.add(x, self.dropout(self.ff_out(self.ff_out_norm(x))), alpha=0.5)
+        return self.final_norm(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention and feed-forward, each with a residual."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        positional = "none" if config.positional == "absolute" else config.positional
+        self.attn_norm = nn.LayerNorm(d)
+        self.attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout, positional)
+        self.ff_norm, self.ff = (
+            nn.LayerNorm(d),
+            FeedForward(d, config.ffn_dim, config.dropout, "relu"),
+        )
+        self.dropout = Dropout(config.dropout, inplace=True)  # on Linear outputs
+
+    def forward(self, x, valid, attn_mask, positions) -> torch.Tensor:
+        y = self.attn_norm(x)
+        x = x + self.dropout(self.attn(y, y, y, mask=attn_mask, positions=positions))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+class Encoder(nn.Module):
+    """Subsampling, positions, a stack of blocks, a final LayerNorm.
+
+    forward: feats (B, T, F), lengths (B,) -> (B, T', D), lengths (B,).
+    """
+
+    def __init__(self, config: ConformerConfig | TransformerConfig, input_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.output_dim = config.d_model
+        self.subsampling = Conv2dSubsampling(
+            input_dim, config.d_model, config.subsampling, config.subsampling_channels
+        )
+        self.min_input_frames = self.subsampling.min_input_frames
+        self.positional = config.positional
+        self.input_dropout = Dropout(config.dropout)
+        if config.positional == "rel_pos":
+            self.relative_positions = RelativePositions(config.d_model, config.dropout)
+        block = ConformerBlock if isinstance(config, ConformerConfig) else TransformerBlock
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
+        self.final_norm = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(
+        self, feats: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shortest = int(lengths.min())
+        if shortest < self.min_input_frames:
+            raise ValueError(
+                f"an input of {shortest} frames is too short for subsampling by "
+                f"{self.subsampling.factor} (needs at least {self.min_input_frames} frames)"
+            )
+        x, lengths = self.subsampling(feats, lengths)
+        _, frames, d_model = x.shape
+        x = x * math.sqrt(d_model)
+        positions = None
+        if self.positional == "absolute":
+            x = x + sinusoids(torch.arange(frames, device=x.device), d_model).to(x.dtype)
+        elif self.positional == "rel_pos":
+            positions = self.relative_positions(frames, x.device).to(x.dtype)
+        elif self.positional == "rope":
+            positions = rotary_tables(frames, d_model // self.config.num_heads, x.device)
+        x = self.input_dropout(x)
+        valid = lengths_to_mask(lengths, frames)
+        # No mask at all when nothing is padded lets SDPA take its fastest path.
+        attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, valid, attn_mask, positions, use_reentrant=False)
+            else:
+                x = block(x, valid, attn_mask, positions)
+        return self.final_norm(x), lengths

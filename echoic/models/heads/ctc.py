@@ -1,0 +1,65 @@
+"""CTC head: a linear map to the vocabulary, torch's CTC loss, greedy accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from echoic.models.contract import UTTERANCES, Unit, metric
+from echoic.models.heads import HeadOutput, token_hits, unpad
+
+
+@dataclass(frozen=True)
+class CtcConfig:
+    weight: float = 0.3  # share of the total loss
+
+
+class CtcHead(nn.Module):
+    metrics: ClassVar[dict[str, Unit]] = {"loss_ctc": UTTERANCES}
+
+    def __init__(
+        self, input_dim: int, vocab_size: int, config: CtcConfig, blank_id: int = 0
+    ) -> None:
+        super().__init__()
+        self.weight = config.weight
+        self.blank_id = blank_id
+        self.proj = nn.Linear(input_dim, vocab_size)
+
+    def log_probs(self, encoded: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, V) log-probabilities."""
+        return F.log_softmax(self.proj(encoded).float(), dim=-1)
+
+    def greedy(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        """Best path: argmax per frame, repeats merged, blanks removed."""
+        hypotheses = []
+        for best, length in zip(log_probs.argmax(-1), lengths.tolist()):
+            merged = torch.unique_consecutive(best[:length])
+            hypotheses.append(merged[merged != self.blank_id].tolist())
+        return hypotheses
+
+    def forward(
+        self, encoded, encoded_lens, tokens, token_lens, *, with_accuracy: bool = False
+    ) -> HeadOutput:
+        log_probs = self.log_probs(encoded)
+        # zero_infinity: an utterance with more tokens than frames has no alignment; its
+        # loss would be inf and poison the batch, so it contributes zero instead.
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            tokens.clamp(min=0),
+            encoded_lens,
+            token_lens,
+            blank=self.blank_id,
+            reduction="sum",
+            zero_infinity=True,
+        )
+        batch = encoded.shape[0]
+        accuracy = None
+        if with_accuracy:
+            accuracy = token_hits(
+                unpad(tokens, token_lens), self.greedy(log_probs.detach(), encoded_lens)
+            )
+        return HeadOutput(loss, {"loss_ctc": metric(loss.detach(), batch, UTTERANCES)}, accuracy)

@@ -1,0 +1,310 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from echoic.config import from_dict
+from echoic.data.dataset import Batch
+from echoic.data.features import CmvnStats, FbankConfig
+from echoic.errors import ConfigError, EchoicError
+from echoic.models.asr import AsrModel, ModelConfig, build_model
+from echoic.models.contract import ContractError, Metric, check_step_output
+from echoic.models.encoders import ConformerConfig, Conv2dSubsampling, Encoder, TransformerConfig
+from echoic.models.heads.ctc import CtcHead
+from echoic.models.layers import Dropout, MultiHeadAttention, RelativePositions
+
+VOCAB = 12
+TINY = {"d_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64}
+
+
+def tiny_config(heads: dict, encoder: str = "conformer", **encoder_kw) -> ModelConfig:
+    enc = dict(TINY, **encoder_kw)
+    if encoder == "conformer":
+        enc["conv_kernel"] = 3
+    raw = {"frontend": {"fbank": {"global_cmvn": False}}, "encoder": {encoder: enc}, **heads}
+    return from_dict(ModelConfig, raw, "model")
+
+
+def make_batch(batch: int = 3, frames: int = 60, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    feat_lens = torch.tensor([frames, frames - 17, frames - 30][:batch])
+    token_lens = torch.tensor([5, 3, 1][:batch])
+    feats = torch.randn(batch, frames, 80, generator=g)
+    tokens = torch.randint(2, VOCAB - 1, (batch, 5), generator=g)
+    for row in range(batch):
+        feats[row, feat_lens[row] :] = 0
+        tokens[row, token_lens[row] :] = -1
+    return Batch(
+        epoch=0,
+        index=0,
+        ids=[f"u{i}" for i in range(batch)],
+        texts=[""] * batch,
+        durations=[1.0] * batch,
+        tokens=tokens,
+        token_lens=token_lens,
+        feats=feats,
+        feat_lens=feat_lens,
+        audio=None,
+        audio_lens=None,
+    )
+
+
+HEADS = {
+    "ctc": {"ctc": {}},
+    "ctc+attention": {"ctc": {}, "attention": {"num_layers": 2, "num_heads": 2, "ffn_dim": 64}},
+    "ctc+attention+r2l": {
+        "ctc": {},
+        "attention": {"num_layers": 1, "num_heads": 2, "ffn_dim": 64, "right_to_left_layers": 1},
+    },
+    "transducer+ctc": {
+        "ctc": {},
+        "transducer": {"joiner_dim": 16, "predictor": {"stateless": {"embed_dim": 16}}},
+    },
+    "transducer+ctc+attention": {
+        "ctc": {},
+        "attention": {"num_layers": 1, "num_heads": 2, "ffn_dim": 64},
+        "transducer": {
+            "joiner_dim": 16,
+            "predictor": {"lstm": {"embed_dim": 16, "hidden_dim": 16}},
+        },
+    },
+    "transducer": {
+        "transducer": {
+            "joiner_dim": 16,
+            "predictor": {"stateless": {"embed_dim": 16, "context": 1}},
+        }
+    },
+    "attention": {"attention": {"num_layers": 1, "num_heads": 2, "ffn_dim": 64}},
+}
+
+
+@pytest.mark.parametrize("encoder", ["conformer", "transformer"])
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_every_head_combination_keeps_the_metrics_contract(heads, encoder):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(HEADS[heads], encoder), VOCAB)
+    batch = make_batch()
+    model.train()
+    train = model(batch)
+    check_step_output(AsrModel.metric_units, train)
+    assert torch.isfinite(train.loss)
+    train.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        evaluation = model(batch)
+    check_step_output(AsrModel.metric_units, evaluation)
+    assert set(train.metrics) == set(evaluation.metrics) == set(AsrModel.metric_units)
+    for name in AsrModel.metric_units:  # None exactly where a head is absent, in both modes
+        assert (train.metrics[name] is None) == (evaluation.metrics[name] is None), name
+    present = {
+        "loss_ctc": "ctc" in HEADS[heads],
+        "loss_att": "attention" in HEADS[heads],
+        "loss_rnnt": "transducer" in HEADS[heads],
+    }
+    for name, expected in present.items():
+        assert (train.metrics[name] is not None) == expected, name
+    for out in (train, evaluation):
+        accuracy = out.metrics["th_accuracy"]
+        assert accuracy.unit == "tokens" and 0.0 <= accuracy.value <= 1.0
+        assert out.metrics["loss"].weight == 3 and out.weight == 3
+        assert out.metrics["loss"].total == pytest.approx(float(out.loss.detach()))
+
+
+def test_an_undeclared_metric_fails_loudly():
+    model = build_model(tiny_config(HEADS["ctc"]), VOCAB)
+    out = model(make_batch())
+    out.metrics["wer_guess"] = Metric(1.0, 1.0, "utterances")
+    with pytest.raises(ContractError, match=r"undeclared \['wer_guess'\]"):
+        check_step_output(AsrModel.metric_units, out)
+    del out.metrics["wer_guess"], out.metrics["loss_att"]
+    with pytest.raises(ContractError, match=r"missing \['loss_att'\]"):
+        check_step_output(AsrModel.metric_units, out)
+
+
+def test_metrics_average_exactly():
+    parts = [Metric(3.0, 2.0, "tokens"), Metric(1.0, 6.0, "tokens")]
+    assert (parts[0] + parts[1]).value == 0.5  # (3 + 1) / (2 + 6), not the mean of means
+    with pytest.raises(ValueError, match="cannot add"):
+        parts[0] + Metric(1.0, 1.0, "utterances")
+
+
+def test_dimensions_flow_from_the_producer():
+    raw = {
+        "frontend": {"fbank": {"fbank": {"num_mel_bins": 40}, "global_cmvn": False}},
+        "encoder": {"conformer": dict(TINY, conv_kernel=3)},
+        "ctc": {},
+    }
+    model = build_model(from_dict(ModelConfig, raw, "model"), VOCAB)
+    assert model.frontend.output_dim == 40
+    assert model.encoder.subsampling.convs[0].in_channels == 1
+    assert model.ctc.proj.in_features == 32 and model.ctc.proj.out_features == VOCAB
+    assert model.input_spec.fbank.num_mel_bins == 40  # what the data pipeline computes
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.encoder\.conformer\.input_dim'"):
+        from_dict(ModelConfig, {"encoder": {"conformer": {"input_dim": 80}}, "ctc": {}}, "model")
+
+
+def test_model_config_errors():
+    with pytest.raises(ConfigError, match="at least one head"):
+        from_dict(ModelConfig, {}, "model")
+    with pytest.raises(ConfigError, match="exactly one of conformer, transformer"):
+        from_dict(
+            ModelConfig, {"encoder": {"conformer": {}, "transformer": {}}, "ctc": {}}, "model"
+        )
+    with pytest.raises(ConfigError, match="exactly one of stateless, lstm"):
+        from_dict(
+            ModelConfig, {"transducer": {"predictor": {"stateless": {}, "lstm": {}}}}, "model"
+        )
+    with pytest.raises(
+        ConfigError, match=r"'model\.encoder\.conformer\.subsampling' must be one of 4, 6, 8"
+    ):
+        from_dict(ModelConfig, {"encoder": {"conformer": {"subsampling": 3}}, "ctc": {}}, "model")
+    with pytest.raises(ConfigError, match="conv_kernel must be odd"):
+        from_dict(ModelConfig, {"encoder": {"conformer": {"conv_kernel": 4}}, "ctc": {}}, "model")
+    assert from_dict(ModelConfig, {"ctc": {}}, "model").encoder.conformer == ConformerConfig()
+
+
+@pytest.mark.parametrize("factor", [4, 6, 8])
+def test_subsampling_lengths(factor):
+    sub = Conv2dSubsampling(80, 16, factor)
+    lengths = torch.tensor([sub.min_input_frames, 50, 101, sub.min_input_frames - 1])
+    out, out_lens = sub(torch.randn(4, 101, 80), lengths)
+    assert out.shape[1] == int(sub.output_lengths(torch.tensor([101])))
+    assert out_lens.tolist()[0] == 1 and out_lens.tolist()[3] == 0
+    encoder = Encoder(ConformerConfig(**TINY, conv_kernel=3, subsampling=factor), 80)
+    with pytest.raises(ValueError, match="too short for subsampling"):
+        encoder(
+            torch.randn(1, sub.min_input_frames - 1, 80), torch.tensor([sub.min_input_frames - 1])
+        )
+
+
+def _reference_rel_pos(attn: MultiHeadAttention, x, positions, valid):
+    """Transformer-XL relative attention written out directly, scores (i, j) by loops."""
+    batch, frames, _ = x.shape
+    heads, dk = attn.num_heads, attn.head_dim
+    q = attn.query(x).view(batch, frames, heads, dk).transpose(1, 2)
+    k = attn.key(x).view(batch, frames, heads, dk).transpose(1, 2)
+    v = attn.value(x).view(batch, frames, heads, dk).transpose(1, 2)
+    p = attn.position(positions).view(-1, heads, dk)  # row c: distance (T-1) - c
+    scores = torch.empty(batch, heads, frames, frames)
+    for i in range(frames):
+        for j in range(frames):
+            pos = p[(frames - 1) - (i - j)]  # (H, K)
+            content = ((q[:, :, i] + attn.bias_u) * k[:, :, j]).sum(-1)
+            position = ((q[:, :, i] + attn.bias_v) * pos).sum(-1)
+            scores[:, :, i, j] = (content + position) / math.sqrt(dk)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    context = torch.softmax(scores, -1) @ v
+    return attn.out(context.transpose(1, 2).reshape(batch, frames, -1))
+
+
+def test_relative_position_attention_matches_the_written_out_formula():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 2, 0.0, "rel_pos").eval()
+    x = torch.randn(2, 7, 16)
+    positions = RelativePositions(16, 0.0)(7, x.device)
+    valid = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    expected = _reference_rel_pos(attn, x, positions, valid)
+    got = attn(x, x, x, mask=valid[:, None, None, :], positions=positions)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1, :5], expected[1, :5], atol=1e-5, rtol=1e-4)
+    unmasked = attn(x[:1], x[:1], x[:1], mask=None, positions=positions)
+    torch.testing.assert_close(unmasked[0], expected[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "positional"),
+    [("conformer", "rel_pos"), ("conformer", "rope"), ("transformer", "absolute")],
+)
+def test_padding_does_not_change_an_utterances_output(encoder, positional):
+    torch.manual_seed(0)
+    config = (
+        ConformerConfig(**TINY, conv_kernel=3, positional=positional)
+        if encoder == "conformer"
+        else TransformerConfig(**TINY, positional=positional)
+    )
+    model = Encoder(config, 80).eval()
+    feats = torch.randn(1, 40, 80)
+    alone, alone_lens = model(feats, torch.tensor([40]))
+    padded = torch.cat([feats, torch.zeros(1, 25, 80)], dim=1)
+    batch = torch.cat([padded, torch.randn(1, 65, 80)])
+    together, _ = model(batch, torch.tensor([40, 65]))
+    torch.testing.assert_close(together[0, : alone_lens[0]], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = Encoder(
+            ConformerConfig(**TINY, conv_kernel=3, gradient_checkpointing=checkpointing), 80
+        ).train()
+        torch.manual_seed(1)  # same dropout draws in both runs; checkpointing replays them
+        out, _ = model(torch.randn(2, 40, 80), torch.tensor([40, 31]))
+        out.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_rate_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = Dropout(0.1).train()(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
+    assert y[y != 0].unique().tolist() == pytest.approx([1 / 0.9])
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d/dx of x * mask * scale
+    z = torch.ones(10)
+    assert Dropout(0.5).eval()(z) is z
+    h = torch.ones(1000, requires_grad=True) * 1.0
+    torch.manual_seed(3)
+    a = Dropout(0.3)(h.clone())
+    torch.manual_seed(3)
+    b = Dropout(0.3, inplace=True)(h.clone())
+    torch.testing.assert_close(a, b)
+
+
+def test_frontend_applies_global_cmvn():
+    stats = CmvnStats.empty(16000, FbankConfig())
+    feats = torch.randn(3, 50, 80) * 4 + 7
+    stats.add(feats.reshape(-1, 80).numpy())
+    config = from_dict(
+        ModelConfig, {"ctc": {}, "encoder": {"conformer": dict(TINY, conv_kernel=3)}}, "model"
+    )
+    model = build_model(config, VOCAB, cmvn=stats)
+    batch = make_batch(3, 50)
+    batch.feats, batch.feat_lens = feats, torch.tensor([50, 50, 50])
+    normalised, _ = model.frontend(batch)
+    torch.testing.assert_close(normalised.mean(dim=(0, 1)), torch.zeros(80), atol=1e-4, rtol=0)
+    state = model.state_dict()
+    assert "frontend.cmvn_mean" in state  # CMVN travels with the weights
+    with pytest.raises(EchoicError, match="40 mel bins"):
+        model.frontend.set_cmvn(CmvnStats.empty(16000, FbankConfig(num_mel_bins=40)))
+
+
+def test_ctc_greedy_collapses_repeats_and_blanks():
+    head = CtcHead(4, 5, from_dict(ModelConfig, {"ctc": {}}, "model").ctc)
+    frames = torch.tensor([[0, 3, 3, 0, 3, 2, 2, 0, 4]])
+    log_probs = F.one_hot(frames, 5).float().log()
+    assert head.greedy(log_probs, torch.tensor([9])) == [[3, 3, 2, 4]]
+    assert head.greedy(log_probs, torch.tensor([4])) == [[3]]
+
+
+@pytest.mark.parametrize(
+    "predictor",
+    [{"stateless": {"embed_dim": 8, "context": 3}}, {"lstm": {"embed_dim": 8, "hidden_dim": 8}}],
+)
+def test_predictor_steps_reproduce_the_training_forward(predictor):
+    head = build_model(
+        tiny_config({"transducer": {"predictor": predictor, "joiner_dim": 8}}), VOCAB
+    ).transducer.eval()
+    tokens = torch.tensor([[4, 7, 2, 9]])
+    history = torch.cat([torch.zeros(1, 1, dtype=torch.long), tokens], dim=1)  # blank first
+    full = head.predictor(history)
+    state = head.predictor.initial_state(1, "cpu")
+    for position, token in enumerate(history[0]):
+        out, state = head.predictor.step(token[None], state)
+        torch.testing.assert_close(out, full[:, position], atol=1e-6, rtol=1e-5)
