@@ -32,11 +32,20 @@ lint: python
 test: setup lint
 	$(VENV)/bin/pytest -q
 
-demo: setup
-	$(VENV)/bin/echoic synth --out $(DATA)/synth_en --num-utts 2000 --jobs $(JOBS)
-	$(VENV)/bin/echoic prepare --manifest $(DATA)/synth_en/train.jsonl --tokenizer char \
-		--out $(DATA)/synth_en/lang_char --report-on $(DATA)/synth_en/dev.jsonl $(DATA)/synth_en/test.jsonl \
-		--jobs $(JOBS)
+ECHOIC := $(VENV)/bin/echoic
+CORPUS := $(DATA)/synth_en
+
+# File targets: a rerun skips what is done, and training resumes where it stopped
+# (Ctrl-C saves a checkpoint first).
+$(CORPUS)/train.jsonl: | python system
+	$(ECHOIC) synth --out $(CORPUS) --num-utts 2000 --jobs $(JOBS)
+
+$(CORPUS)/lang_char/cmvn.json: $(CORPUS)/train.jsonl
+	$(ECHOIC) prepare --manifest $(CORPUS)/train.jsonl --tokenizer char --out $(CORPUS)/lang_char \
+		--report-on $(CORPUS)/dev.jsonl $(CORPUS)/test.jsonl --jobs $(JOBS)
+
+demo: setup $(CORPUS)/lang_char/cmvn.json
+	$(ECHOIC) train recipes/synth_en/conf/demo.yaml --exp exp/demo
 
 clean:
-	rm -rf $(VENV) $(DATA) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DATA) exp .pytest_cache .ruff_cache *.egg-info

@@ -51,9 +51,10 @@ def build(args) -> torch.nn.Module:
         conv_kernel=15,
         dropout=0.1,
         positional=args.positional,
-        gradient_checkpointing=args.checkpointing,
     )
-    return Encoder(config, input_dim=FEATURES)
+    encoder = Encoder(config, input_dim=FEATURES)
+    encoder.gradient_checkpointing = args.checkpointing
+    return encoder
 
 
 def worker(args) -> dict:

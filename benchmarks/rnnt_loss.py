@@ -64,7 +64,11 @@ def echoic_unfused_loss(logits, targets, logit_lengths, target_lengths):
     )
 
 
-IMPLEMENTATIONS = {"echoic": echoic_loss, "echoic_unfused": echoic_unfused_loss, "rowscan": rowscan_loss}
+IMPLEMENTATIONS = {
+    "echoic": echoic_loss,
+    "echoic_unfused": echoic_unfused_loss,
+    "rowscan": rowscan_loss,
+}
 
 
 def _inputs(batch, frames, u, vocab, seed):

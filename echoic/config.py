@@ -26,12 +26,15 @@ T = TypeVar("T")
 def from_dict(cls: type[T], data: Any, where: str) -> T:
     """Build dataclass `cls` from `data`, validating keys and types.
 
-    `where` is the dotted name of this section (e.g. "data.spec_augment"), used in errors.
+    `where` is the dotted name of this section (e.g. "data.spec_augment"), used in
+    errors; "" for the top level of a file.
     """
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"'{where}' must be a mapping of keys, got {_describe(data)}")
+        raise ConfigError(
+            f"'{where or 'the config'}' must be a mapping of keys, got {_describe(data)}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
@@ -40,14 +43,18 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     values = {}
     for name, field in fields.items():
         if name in data:
-            values[name] = _convert(data[name], hints[name], f"{where}.{name}")
+            values[name] = _convert(data[name], hints[name], _join(where, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{where}.{name}'")
+            raise ConfigError(f"missing required key '{_join(where, name)}'")
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
         # __post_init__ checks raise ValueError for conflicting or out-of-range options.
-        raise ConfigError(f"'{where}': {error}") from None
+        raise ConfigError(f"'{where or 'the config'}': {error}") from None
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
 
 
 def one_of(config: Any, names: list[str], default: dict[str, Any] | None = None) -> str:
@@ -125,7 +132,8 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
 def _unknown_key_message(key: str, where: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{where}.{key}'{hint} (allowed in '{where}': {', '.join(allowed)})"
+    section = f"in '{where}'" if where else "at the top level"
+    return f"unknown key '{_join(where, key)}'{hint} (allowed {section}: {', '.join(allowed)})"
 
 
 def _describe(value: Any) -> str:

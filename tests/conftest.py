@@ -41,3 +41,13 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
     synthesize_corpus(out, num_utts=40, seed=1, jobs=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def lang(corpus, tmp_path_factory) -> Path:
+    """Char tokenizer and CMVN statistics of the session corpus (`echoic prepare`)."""
+    from echoic.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("lang")
+    prepare(corpus / "train.jsonl", out, tokenizer="char", jobs=1, progress=False)
+    return out

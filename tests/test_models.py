@@ -237,9 +237,8 @@ def test_padding_does_not_change_an_utterances_output(encoder, positional):
 def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing):
         torch.manual_seed(0)
-        model = Encoder(
-            ConformerConfig(**TINY, conv_kernel=3, gradient_checkpointing=checkpointing), 80
-        ).train()
+        model = Encoder(ConformerConfig(**TINY, conv_kernel=3), 80).train()
+        model.gradient_checkpointing = checkpointing
         torch.manual_seed(1)  # same dropout draws in both runs; checkpointing replays them
         out, _ = model(torch.randn(2, 40, 80), torch.tensor([40, 31]))
         out.sum().backward()
@@ -308,3 +307,26 @@ def test_predictor_steps_reproduce_the_training_forward(predictor):
     for position, token in enumerate(history[0]):
         out, state = head.predictor.step(token[None], state)
         torch.testing.assert_close(out, full[:, position], atol=1e-6, rtol=1e-5)
+
+
+def test_every_weight_appears_once_in_the_state_dict():
+    model = build_model(tiny_config(HEADS["transducer+ctc+attention"]), VOCAB)
+    names = list(model.state_dict())
+    assert len(names) == len(set(names))
+    assert not any(n.startswith("accuracy_head") for n in names)
+    pointers = [t.data_ptr() for t in model.state_dict().values() if t.numel()]
+    assert len(pointers) == len(set(pointers))
+
+
+def test_free_running_accuracy_penalises_insertions():
+    from echoic.models.heads import token_accuracy
+
+    assert token_accuracy([[1, 2, 3, 4]], [[1, 2, 3, 4]]).value == 1.0
+    assert (
+        token_accuracy([[1, 2, 3, 4]], [[1, 9, 3]]).value == 0.5
+    )  # one substitution, one deletion
+    assert (
+        token_accuracy([[1, 2]], [[1, 2, 5, 6, 7, 8, 9]]).value == 0.0
+    )  # all matched, but 5 inserted
+    both = token_accuracy([[1, 2, 3, 4], [5, 6]], [[1, 2, 3, 4], []])
+    assert (both.total, both.weight) == (4.0, 6.0)

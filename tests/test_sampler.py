@@ -105,3 +105,14 @@ def test_state_is_validated():
         sampler.load_state_dict({"epoch": 0, "batch_index": 10_000})
     with pytest.raises(ValueError, match="exactly one"):
         BucketBatchSampler(DURATIONS, max_frames=100, batch_size=4)
+
+
+def test_evaluation_keeps_every_batch_across_ranks():
+    order = _sampler(shuffle=False).epoch_batches(0)
+    for world in (2, 3):
+        per_rank = [
+            _sampler(shuffle=False, rank=r, world_size=world, drop_last=False) for r in range(world)
+        ]
+        merged = sorted(item for s in per_rank for item in _run(s))
+        assert merged == list(enumerate(order))
+        assert [len(s) for s in per_rank] == [len(_run(s)) for s in per_rank]

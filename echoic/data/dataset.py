@@ -300,10 +300,13 @@ class BatchLoader:
     track its position exactly; `last_report` holds the summary of the latest pass.
     """
 
-    def __init__(self, dataset: AsrDataset, sampler: BucketBatchSampler, num_workers: int = 0) -> None:
+    def __init__(
+        self, dataset: AsrDataset, sampler: BucketBatchSampler, num_workers: int = 0, name: str = "data"
+    ) -> None:
         self.dataset = dataset
         self.sampler = sampler
         self.num_workers = num_workers
+        self.name = name
         self.last_report: PassReport | None = None
 
     def __len__(self) -> int:
@@ -325,6 +328,9 @@ class BatchLoader:
             collate_fn=_identity,
             worker_init_fn=_worker_init if self.num_workers else None,
             prefetch_factor=2 if self.num_workers else None,
+            # A generator of its own: otherwise starting the workers draws from torch's
+            # global generator, and model randomness would depend on when passes start.
+            generator=torch.Generator(),
         )
         fatal_missing = self.dataset.config.on_missing_audio == "error"
         for batch in loader:
@@ -334,7 +340,7 @@ class BatchLoader:
             report.add(batch)
             yield batch
         self.last_report = report
-        log.info("data pass summary: %s", report.summary())
+        log.info("%s pass summary: %s", self.name, report.summary())
 
 
 def build_loader(
@@ -365,6 +371,7 @@ def build_loader(
         min_duration=config.min_duration,
         max_duration=config.max_duration,
         length_factor=length_factor,
+        drop_last=train,
     )
     dataset = AsrDataset(manifest, tokenizer, config, input_spec=input_spec, seed=seed, augment=train)
-    return BatchLoader(dataset, sampler, num_workers=config.num_workers)
+    return BatchLoader(dataset, sampler, num_workers=config.num_workers, name="train" if train else "eval")

@@ -53,9 +53,12 @@ class BucketBatchSampler:
         min_duration: float = 0.0,
         max_duration: float = float("inf"),
         length_factor: float = 1.0,
+        drop_last: bool = True,
     ) -> None:
         """`length_factor` scales frame estimates (e.g. 1/0.9 when speed perturbation
-        may slow audio down), so batches stay within `max_frames` after augmentation."""
+        may slow audio down), so batches stay within `max_frames` after augmentation.
+        `drop_last=False` (evaluation) keeps the last incomplete group of world_size
+        batches, so ranks may then take different numbers of batches."""
         if (max_frames is None) == (batch_size is None):
             raise ValueError("set exactly one of max_frames and batch_size")
         if (max_frames is not None and max_frames < 1) or (batch_size is not None and batch_size < 1):
@@ -71,6 +74,7 @@ class BucketBatchSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.drop_last = drop_last
         durations_array = np.asarray(durations, dtype=np.float64)
         self._frames = np.ceil(durations_array * frames_per_second * length_factor).astype(np.int64)
         self.excluded: dict[str, list[int]] = {
@@ -123,6 +127,13 @@ class BucketBatchSampler:
             batches.append(tuple(current))
         return batches
 
+    def set_max_frames(self, max_frames: int | None) -> None:
+        """Change the batch budget (after an out-of-memory batch, say); epochs planned
+        from now on use it."""
+        if max_frames != self.max_frames:
+            self.max_frames = max_frames
+            self._cache = None
+
     def padding_efficiency(self, epoch: int) -> float:
         """Estimated real frames / padded frames over the epoch's batches (from durations)."""
         real = padded = 0
@@ -157,13 +168,17 @@ class BucketBatchSampler:
     # -- iteration -------------------------------------------------------------------------
 
     def _end(self, total: int) -> int:
-        """Global index where this pass stops: only complete groups of world_size batches."""
+        """Global index where this pass stops: with drop_last, only complete groups of
+        world_size batches."""
+        if not self.drop_last:
+            return total
         return self.batch_index + (total - self.batch_index) // self.world_size * self.world_size
 
     def __len__(self) -> int:
         """Batches this rank yields from the current position to the end of the epoch."""
-        total = len(self.epoch_batches(self.epoch))
-        return (self._end(total) - self.batch_index) // self.world_size
+        first = self.batch_index + self.rank
+        end = self._end(len(self.epoch_batches(self.epoch)))
+        return max(0, -(-(end - first) // self.world_size))
 
     def __iter__(self) -> Iterator[BatchPlan]:
         epoch, start = self.epoch, self.batch_index

@@ -60,8 +60,9 @@ class AsrModel(nn.Module):
     loss_rnnt    transducer loss per utterance, None without one
     th_accuracy  token accuracy in [0, 1]: teacher-forced accuracy of the attention
                  decoder (next token given the true history, <eos> included) when there
-                 is one; otherwise the reference tokens matched by greedy CTC output,
-                 or by greedy transducer output when there is no CTC head either.
+                 is one; otherwise 1 - token error rate (clipped at 0 per utterance) of
+                 greedy CTC output, or of greedy transducer output when there is no
+                 CTC head either.
     """
 
     # Declared once for the family: every ASR model reports these, whatever its heads.
@@ -88,11 +89,19 @@ class AsrModel(nn.Module):
         self.frontend = frontend
         self.encoder = encoder
         self.ctc, self.attention, self.transducer = ctc, attention, transducer
-        self.accuracy_head = attention or ctc or transducer
+        # A name, not a second reference: a module attribute would register the head twice.
+        self._accuracy_head = next(
+            n for n in ("attention", "ctc", "transducer") if getattr(self, n) is not None
+        )
 
     @property
     def input_spec(self) -> InputSpec:
         return self.frontend.input_spec
+
+    @property
+    def accuracy_head(self) -> nn.Module:
+        """The head th_accuracy comes from: attention, else CTC, else transducer."""
+        return getattr(self, self._accuracy_head)
 
     @property
     def heads(self) -> list[nn.Module]:

@@ -43,7 +43,6 @@ class ConformerConfig:
     subsampling_channels: int | None = None  # conv2d channels; None means d_model
     dropout: float = 0.1  # on block outputs, feed-forward hidden units and positions
     attention_dropout: float = 0.0  # on attention weights
-    gradient_checkpointing: bool = False  # recompute each block in backward to save memory
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -65,7 +64,6 @@ class TransformerConfig:
     subsampling_channels: int | None = None
     dropout: float = 0.1
     attention_dropout: float = 0.0
-    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -199,7 +197,9 @@ class Encoder(nn.Module):
         block = ConformerBlock if isinstance(config, ConformerConfig) else TransformerBlock
         self.blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
-        self.gradient_checkpointing = config.gradient_checkpointing
+        # Recompute each block in backward to save memory: a training-time choice the
+        # trainer sets (train.gradient_checkpointing), not part of the architecture.
+        self.gradient_checkpointing = False
 
     def forward(
         self, feats: torch.Tensor, lengths: torch.Tensor

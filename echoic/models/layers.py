@@ -112,7 +112,10 @@ class ConvModule(nn.Module):
         if kernel % 2 == 0:
             raise ValueError(f"conv_kernel must be odd (symmetric context), got {kernel}")
         self.pointwise_in = nn.Linear(d_model, 2 * d_model)
-        self.depthwise = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=d_model)
+        # Before BatchNorm a bias is removed again by the mean subtraction (zero gradient).
+        self.depthwise = nn.Conv1d(
+            d_model, d_model, kernel, padding=kernel // 2, groups=d_model, bias=norm != "batch_norm"
+        )
         self.norm = nn.BatchNorm1d(d_model) if norm == "batch_norm" else nn.LayerNorm(d_model)
         self.pointwise_out = nn.Linear(d_model, d_model)
 
@@ -205,7 +208,9 @@ class MultiHeadAttention(nn.Module):
         self.positional = positional
         self.dropout = dropout
         self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
+        # No bias on keys: softmax ignores it (its gradient is exactly zero), and Adam
+        # would only amplify rounding noise into it.
+        self.key = nn.Linear(d_model, d_model, bias=False)
         self.value = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
         if positional == "rel_pos":

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from echoic.models.contract import UTTERANCES, Unit, metric
-from echoic.models.heads import HeadOutput, token_hits, unpad
+from echoic.models.heads import HeadOutput, token_accuracy, unpad
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class CtcHead(nn.Module):
         batch = encoded.shape[0]
         accuracy = None
         if with_accuracy:
-            accuracy = token_hits(
+            accuracy = token_accuracy(
                 unpad(tokens, token_lens), self.greedy(log_probs.detach(), encoded_lens)
             )
         return HeadOutput(loss, {"loss_ctc": metric(loss.detach(), batch, UTTERANCES)}, accuracy)

@@ -12,7 +12,7 @@ from torch import nn
 
 from echoic.config import one_of
 from echoic.models.contract import UTTERANCES, Unit, metric
-from echoic.models.heads import HeadOutput, token_hits, unpad
+from echoic.models.heads import HeadOutput, token_accuracy, unpad
 from echoic.models.rnnt_loss import rnnt_loss
 
 
@@ -167,7 +167,9 @@ class TransducerHead(nn.Module):
         accuracy = None
         if with_accuracy:
             with torch.no_grad():
-                accuracy = token_hits(unpad(tokens, token_lens), self.greedy(encoded, encoded_lens))
+                accuracy = token_accuracy(
+                    unpad(tokens, token_lens), self.greedy(encoded, encoded_lens)
+                )
         batch = encoded.shape[0]
         return HeadOutput(loss, {"loss_rnnt": metric(loss.detach(), batch, UTTERANCES)}, accuracy)
 

@@ -1,0 +1,1 @@
+"""Training: config, schedules, checkpoints with exact resume, distributed, the loop."""

@@ -1,0 +1,146 @@
+"""The experiment config: `data`, `model`, `optim` and `train` sections of one YAML file.
+
+Every key is checked against these dataclasses (see echoic.config): an unknown or
+mistyped key is a one-line error naming the key, its section and the allowed keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from echoic.config import apply_overrides, from_dict, load_yaml, to_dict
+from echoic.data.dataset import DataConfig
+from echoic.errors import ConfigError
+from echoic.models.asr import ModelConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection(DataConfig):
+    train: str  # training manifest (JSONL)
+    dev: str | None = None  # validation manifest
+    lang: str  # folder written by `echoic prepare`: tokenizer.json and cmvn.json
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: float = 1e-3  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 1e-6
+    scheduler: Literal["noam", "cosine", "constant"] = "noam"  # each after a linear warmup
+    warmup_steps: int = 25000
+    min_lr: float = 0.0  # cosine: the floor reached at train.max_steps
+    clip_grad_norm: float | None = 5.0  # None: no clipping
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("betas must be two numbers in [0, 1)")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be positive and warmup_steps not negative")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0  # everything random derives from it: init, data order, augmentation, dropout
+    max_steps: int | None = None  # optimizer steps; training stops at whichever limit comes first
+    max_epochs: int | None = 100
+    accum_grad: int = 1  # micro-batches per optimizer step, per process
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: CUDA only
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False  # CUDA: torch's deterministic algorithms (CPU always is)
+    gradient_checkpointing: bool = False  # recompute encoder blocks in backward
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
+    valid_every: int | None = None  # steps between validations (also at every epoch end)
+    save_every_steps: int | None = 1000
+    save_every_minutes: float | None = 30.0
+    keep_last: int = 3  # newest checkpoints kept
+    keep_best: int = 3  # best checkpoints by `best_metric` on dev, also kept
+    best_metric: str = "loss"  # a dev metric the model reports
+    best_mode: Literal["min", "max"] = "min"
+    max_bad_steps: int = 20  # consecutive non-finite updates before giving up
+    oom_shrink: float | None = None  # after an out-of-memory batch, scale max_frames by this
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set max_steps or max_epochs (or both)")
+        if self.accum_grad < 1 or self.log_every < 1:
+            raise ValueError("accum_grad and log_every must be at least 1")
+        if self.keep_last < 1:
+            raise ValueError("keep_last must be at least 1")
+        if self.oom_shrink is not None and not 0.0 < self.oom_shrink < 1.0:
+            raise ValueError("oom_shrink must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataSection
+    model: ModelConfig
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise ValueError("train.precision fp16 needs CUDA; use bf16 on CPU")
+        if self.optim.scheduler == "cosine" and self.train.max_steps is None:
+            raise ValueError("optim.scheduler cosine needs train.max_steps (its length)")
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override (`section.key=value`) and validate an experiment config."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    return parse_experiment(raw, where=str(path))
+
+
+def parse_experiment(raw: dict[str, Any], where: str = "config") -> ExperimentConfig:
+    try:
+        return from_dict(ExperimentConfig, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def dump_experiment(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (every default written out)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# Keys that may change when a run resumes without breaking exact resume: they decide
+# how long, how often and where, not what is computed.
+SAFE_TO_CHANGE = {
+    "data.num_workers",
+    "data.dev",
+    "train.max_steps",
+    "train.max_epochs",
+    "train.log_every",
+    "train.valid_every",
+    "train.save_every_steps",
+    "train.save_every_minutes",
+    "train.keep_last",
+    "train.keep_best",
+    "train.best_metric",
+    "train.best_mode",
+    "train.max_bad_steps",
+    "train.num_threads",
+    "train.distributed",
+}
+
+
+def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
+    differences: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            differences.append((prefix, a, b))
+
+    walk(to_dict(old), to_dict(new), "")
+    return differences

@@ -1,0 +1,44 @@
+"""`echoic plot`: loss, accuracy and learning-rate curves from metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from echoic.errors import EchoicError
+from echoic.train.metrics import read_metrics
+
+
+def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw train and dev curves of the experiment into a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exp_dir = Path(exp_dir)
+    records = read_metrics(exp_dir / "metrics.jsonl")
+    if not records:
+        raise EchoicError(f"{exp_dir / 'metrics.jsonl'} has no metrics yet")
+    out = Path(out) if out else exp_dir / "curves.png"
+    panels = [("loss", "loss"), ("th_accuracy", "token accuracy"), ("lr", "learning rate")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for axis, (key, title) in zip(axes, panels):
+        for split, style in (("train", "-"), ("dev", "o-")):
+            points = [
+                (r["step"], r[key])
+                for r in records
+                if r["split"] == split and isinstance(r.get(key), int | float)
+            ]
+            if points:
+                steps, values = zip(*points)
+                axis.plot(steps, values, style, label=split, markersize=3)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend()
+    figure.suptitle(exp_dir.name)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out

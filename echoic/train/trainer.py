@@ -1,0 +1,721 @@
+"""The training loop: model-family agnostic, exactly resumable, robust to bad steps.
+
+Exact resume rests on four rules:
+1. Data: batch order is a pure function of (seed, epoch), augmentation of (seed,
+   epoch, utterance id); the saved position is the global batch index consumed.
+2. Model randomness: torch is reseeded before every micro-batch from (seed, epoch,
+   global batch index), so dropout does not depend on which rank processes a batch,
+   how accumulation splits the step, or where a run was resumed.
+3. Updates: gradients are summed over micro-batches and ranks and divided once by the
+   global number of utterances, so a step is the same for any split of its batches.
+4. Checkpoints hold the state at an optimizer-step boundary (weights, optimizer,
+   scaler, position, metric sums, counters, module buffers): a stop mid-accumulation
+   saves the position where the step's window began, with the buffers (BatchNorm
+   statistics) as they were then, and the resumed run recomputes the window.
+
+The loop reads nothing model-specific: a forward returns a StepOutput, and every
+metric it declares is summed, reduced across ranks and logged the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from echoic.data.dataset import Batch, BatchLoader, build_loader
+from echoic.data.features import CmvnStats
+from echoic.data.manifest import read_manifest
+from echoic.data.tokenizer import load_tokenizer
+from echoic.errors import ConfigError, EchoicError
+from echoic.models.asr import build_model
+from echoic.models.contract import StepOutput, check_step_output
+from echoic.seeding import derive_seed
+from echoic.train import checkpoint as ckpt
+from echoic.train.config import (
+    SAFE_TO_CHANGE,
+    ExperimentConfig,
+    config_differences,
+    dump_experiment,
+    parse_experiment,
+)
+from echoic.train.distributed import (
+    all_reduce_sum,
+    any_rank,
+    is_fsdp,
+    load_model_weights,
+    load_optimizer_state,
+    model_weights,
+    optimizer_state,
+    setup_runtime,
+    shutdown,
+    unwrap,
+    wrap,
+)
+from echoic.train.faults import PausePoint, StopRequest, is_out_of_memory
+from echoic.train.metrics import MetricsLog, MetricSums
+from echoic.train.schedule import learning_rate
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class TrainingAborted(EchoicError):
+    """Training cannot go on (too many bad steps in a row, say); the message says why."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        exp_dir: str | Path,
+        *,
+        resume: str = "auto",
+        allow_config_change: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.exp_dir = Path(exp_dir)
+        self.resume = resume
+        self.allow_config_change = allow_config_change
+        self.progress = progress
+        self.stop = StopRequest()
+        self.pause = PausePoint(self.exp_dir)
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _resume_point(self) -> Path | None:
+        directory = self.exp_dir / "checkpoints"
+        if self.resume == "none":
+            if ckpt.list_checkpoints(directory):
+                raise EchoicError(
+                    f"{self.exp_dir} already has checkpoints: use --resume auto, or another --exp"
+                )
+            return None
+        if self.resume == "auto":
+            return ckpt.newest_valid(directory)
+        path = Path(self.resume)
+        if not path.is_dir():
+            raise EchoicError(f"checkpoint to resume from not found: {path}")
+        return path
+
+    def _check_config(self, state: dict[str, Any] | None) -> None:
+        """On resume: warn about config changes, refuse those that break exactness."""
+        saved = self.exp_dir / "config.yaml"
+        if state is None or not saved.is_file():
+            return
+        try:
+            old = parse_experiment(yaml.safe_load(saved.read_text()) or {}, where=str(saved))
+        except ConfigError as error:
+            raise EchoicError(f"cannot compare with the run's saved config: {error}") from None
+        differences = config_differences(old, self.config)
+        global_accum = self.config.train.accum_grad * self.runtime.world_size
+        breaking = [
+            d for d in differences if d[0] not in SAFE_TO_CHANGE and d[0] != "train.accum_grad"
+        ]
+        if global_accum != state["global_accum"]:
+            breaking.append(("accum_grad x processes", state["global_accum"], global_accum))
+        listed = "; ".join(
+            f"{key}: {a!r} -> {b!r}" for key, a, b in differences + breaking[len(differences) :]
+        )
+        if breaking and not self.allow_config_change:
+            keys = ", ".join(key for key, _, _ in breaking)
+            raise ConfigError(
+                f"the config changed in ways that break exact resume ({keys}); "
+                f"pass --allow-config-change to resume anyway. Changes: {listed}"
+            )
+        if differences or breaking:
+            log.warning("resuming with a changed config: %s", listed)
+
+    def _prepare_exp_dir(self, resuming: bool) -> None:
+        if not self.runtime.is_main:
+            return
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        (self.exp_dir / "config.yaml").write_text(dump_experiment(self.config))
+        lang = Path(self.config.data.lang)
+        for name, needed in (("tokenizer.json", True), ("cmvn.json", self._wants_cmvn())):
+            target = self.exp_dir / name
+            if resuming and target.is_file():
+                continue  # the run keeps the tokenizer and statistics it started with
+            if not (lang / name).is_file():
+                if needed:
+                    raise EchoicError(
+                        f"{lang / name} not found: run `echoic prepare --out {lang}` first"
+                    )
+                continue
+            shutil.copyfile(lang / name, target)
+
+    def _wants_cmvn(self) -> bool:
+        fbank = self.config.model.frontend.fbank
+        return fbank is not None and fbank.global_cmvn
+
+    def _setup(self) -> dict[str, Any] | None:
+        train = self.config.train
+        self.runtime = setup_runtime(train.device, train.deterministic, train.num_threads)
+        rt = self.runtime
+        if not rt.is_main:
+            logging.getLogger("echoic").setLevel(logging.WARNING)  # one voice for progress
+        resume_from = self._resume_point()
+        weights, state = (None, None)
+        if resume_from is not None:
+            weights, state = ckpt.load_checkpoint(resume_from)
+            if state.get("version") != STATE_VERSION:
+                raise EchoicError(
+                    f"{resume_from}: checkpoint state version {state.get('version')} "
+                    "is not supported"
+                )
+            log.info("resuming from %s (step %d)", resume_from, state["step"])
+        self._check_config(state)
+        self._prepare_exp_dir(state is not None)
+        if rt.distributed:
+            torch.distributed.barrier()
+
+        tokenizer = load_tokenizer(self.exp_dir / "tokenizer.json")
+        cmvn = CmvnStats.load(self.exp_dir / "cmvn.json") if self._wants_cmvn() else None
+        torch.manual_seed(train.seed)
+        model = build_model(self.config.model, tokenizer.vocab_size, cmvn)
+        model.encoder.gradient_checkpointing = train.gradient_checkpointing
+        if weights is not None:
+            load_model_weights(model, weights)
+        self.metric_units = model.metric_units
+        self.input_spec = model.input_spec
+        self._min_frames = model.encoder.min_input_frames
+        self.model = wrap(model.to(rt.device), rt, train.distributed)
+
+        data = self.config.data
+        # Nothing shorter than the subsampling front accepts may reach the model.
+        frame_shift = 1.0 / self.input_spec.frames_per_second
+        min_duration = max(data.min_duration, (model.encoder.min_input_frames + 1) * frame_shift)
+        if min_duration > data.min_duration:
+            log.info(
+                "min_duration raised to %.3f s: the encoder needs %d input frames",
+                min_duration,
+                self._min_frames,
+            )
+        self.max_frames = state["max_frames"] if state else data.max_frames
+        data_config = dataclasses.replace(
+            data, min_duration=min_duration, max_frames=self.max_frames
+        )
+
+        def loader(path: str, training: bool, rank: int, world_size: int) -> BatchLoader:
+            return build_loader(
+                read_manifest(path),
+                tokenizer,
+                data_config,
+                input_spec=self.input_spec,
+                seed=train.seed,
+                train=training,
+                rank=rank,
+                world_size=world_size,
+            )
+
+        self.train_loader = loader(data.train, True, rt.rank, rt.world_size)
+        self.dev_loader: BatchLoader | None = None
+        if data.dev:
+            fsdp = rt.distributed and train.distributed == "fsdp"
+            # Under FSDP every rank evaluates all of dev: its forward is a collective, so
+            # ranks must see the same number of batches.
+            self.dev_loader = loader(
+                data.dev, False, 0 if fsdp else rt.rank, 1 if fsdp else rt.world_size
+            )
+            self._dev_reduce = not fsdp  # under FSDP every rank evaluates all of dev
+
+        optim = self.config.optim
+        optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_class(
+            self.model.parameters(),
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_index = 0
+        self.bad_steps = 0
+        self.best: list[list[float]] = []  # [value, step] of the best dev results
+        self.tracker = MetricSums()
+        if state is not None:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.epoch, self.batch_index = (
+                state["step"],
+                state["epoch"],
+                state["batch_index"],
+            )
+            self.bad_steps = state["bad_steps"]
+            self.best = [list(b) for b in state["best"]]
+            self.tracker.load_state_dict(state["tracker"])
+            _set_rng_state(state["rng"])
+        self.metrics_log = MetricsLog(
+            self.exp_dir,
+            enabled=rt.is_main,
+            resume_offset=state["metrics_offset"] if state else None,
+            resume_step=self.step,
+        )
+        return state
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train until max_steps/max_epochs or a stop request. Returns the exit code."""
+        self.stop.install()
+        try:
+            self._setup()
+            return self._loop()
+        finally:
+            self.stop.uninstall()
+            if hasattr(self, "metrics_log"):
+                self.metrics_log.close()
+            if hasattr(self, "runtime"):
+                shutdown(self.runtime)
+
+    def _finished(self) -> bool:
+        train = self.config.train
+        return (train.max_steps is not None and self.step >= train.max_steps) or (
+            train.max_epochs is not None and self.epoch >= train.max_epochs
+        )
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The state at a step boundary that is not in the parameters and optimizer:
+        position, metric sums, and module buffers (BatchNorm statistics, which forward
+        passes do change during an accumulation window)."""
+        buffers = {
+            name: value.detach().clone() for name, value in unwrap(self.model).named_buffers()
+        }
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "tracker": self.tracker.state_dict(),
+            "buffers": buffers,
+        }
+
+    def _loop(self) -> int:
+        train, rt = self.config.train, self.runtime
+        self.started = time.perf_counter()
+        self.last_save = time.perf_counter()
+        self._window = {
+            "weight": 0.0,
+            "frames": 0,
+            "failed": False,
+            "micro": 0,
+            "start": time.perf_counter(),
+        }
+        self._log_window = {"frames": 0, "start": time.perf_counter()}
+        self._checked_contract = False
+        bar = tqdm(
+            total=self._total_steps(),
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and rt.is_main),
+            desc="train",
+        )
+        self.bar = bar
+        self.model.train()
+        try:
+            while not self._finished():
+                sampler = self.train_loader.sampler
+                sampler.set_max_frames(self.max_frames)
+                sampler.set_position(self.epoch, self.batch_index)
+                per_rank = len(self.train_loader)
+                boundary = self._snapshot()
+                stopped_mid_epoch = False
+                for position, batch in enumerate(self.train_loader):
+                    last_of_epoch = position == per_rank - 1
+                    window_full = self._window["micro"] + 1 == train.accum_grad
+                    self._micro_step(batch, sync=window_full or last_of_epoch)
+                    self.batch_index = batch.index - rt.rank + rt.world_size
+                    if window_full or last_of_epoch:
+                        self._optimizer_step()
+                        self._after_step(end_of_epoch=last_of_epoch)
+                        boundary = self._snapshot()
+                        self.pause.check(f"{self.step}:0", self.stop)
+                        if self._finished() and not last_of_epoch:
+                            stopped_mid_epoch = True
+                            break
+                    else:
+                        self.pause.check(f"{self.step}:{self._window['micro']}", self.stop)
+                    if any_rank(self.stop.requested is not None, rt):
+                        self._save(
+                            boundary, reason=f"stop ({self.stop.requested or 'another rank'})"
+                        )
+                        return 0
+                if stopped_mid_epoch:
+                    break
+                self.epoch += 1
+                self.batch_index = 0
+                self._end_of_epoch()
+                self.pause.check(f"epoch-end:{self.epoch - 1}", self.stop)
+                if any_rank(self.stop.requested is not None, rt):
+                    self._save(
+                        self._snapshot(), reason=f"stop ({self.stop.requested or 'another rank'})"
+                    )
+                    return 0
+            self._save(self._snapshot(), reason="end of training")
+            return 0
+        finally:
+            bar.close()
+
+    def _total_steps(self) -> int | None:
+        train = self.config.train
+        if train.max_steps is not None:
+            return train.max_steps
+        batches = len(self.train_loader.sampler.epoch_batches(0)) // self.runtime.world_size
+        return -(-batches // train.accum_grad) * train.max_epochs
+
+    def _reseed(self, epoch: int, index: int) -> None:
+        """Model randomness (dropout) for global batch `index` of `epoch`, on any rank."""
+        seed = derive_seed(self.config.train.seed, epoch, index, "model")
+        torch.manual_seed(seed % (2**63))
+
+    def _autocast(self):
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.runtime.device.type, dtype=dtype)
+
+    def _micro_step(self, batch: Batch, sync: bool) -> None:
+        window = self._window
+        no_sync = getattr(self.model, "no_sync", None)
+        context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        self._reseed(batch.epoch, batch.index)
+        with context:
+            try:
+                if batch.size == 0:  # every utterance skipped; keep in step with other ranks
+                    self._dummy_backward()
+                else:
+                    out = self._forward(_to_device(batch, self.runtime.device))
+                    loss = out.loss
+                    if not torch.isfinite(loss.detach()):
+                        log.warning(
+                            "step %d: non-finite loss on batch %d of epoch %d (%s, ...)",
+                            self.step + 1,
+                            batch.index,
+                            batch.epoch,
+                            batch.ids[0],
+                        )
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    self.tracker.add(out.metrics)
+                    window["weight"] += out.weight
+                    window["frames"] += batch.real_frames
+                    self._log_window["frames"] += batch.real_frames
+            except Exception as error:  # only out-of-memory is survivable here
+                if not is_out_of_memory(error):
+                    raise
+                self._on_out_of_memory(batch)
+        window["micro"] += 1
+
+    def _forward(self, batch: Batch) -> StepOutput:
+        with self._autocast():
+            out = self.model(batch)
+        if not self._checked_contract:
+            check_step_output(self.metric_units, out)  # fail on the first step, not in validation
+            self._checked_contract = True
+        return out
+
+    def _dummy_batch(self) -> Batch:
+        """A one-utterance batch of silence and one token: runs every parameter, so
+        distributed gradient hooks fire, while its loss is multiplied by zero."""
+        frames = self._min_frames + 1
+        spec = self.input_spec
+        feats = feat_lens = audio = audio_lens = None
+        if spec.kind == "fbank":
+            feats = torch.zeros(1, frames, spec.fbank.num_mel_bins)
+            feat_lens = torch.tensor([frames])
+        else:
+            samples = int(frames / spec.frames_per_second * spec.sample_rate)
+            audio, audio_lens = torch.zeros(1, samples), torch.tensor([samples])
+        return Batch(
+            epoch=0,
+            index=0,
+            ids=["dummy"],
+            texts=[""],
+            durations=[0.0],
+            tokens=torch.tensor([[2]]),
+            token_lens=torch.tensor([1]),
+            feats=feats,
+            feat_lens=feat_lens,
+            audio=audio,
+            audio_lens=audio_lens,
+        )
+
+    def _dummy_backward(self) -> None:
+        module = unwrap(self.model)
+        buffers = {k: v.clone() for k, v in module.named_buffers()}  # BatchNorm statistics
+        out = self.model(_to_device(self._dummy_batch(), self.runtime.device))
+        (out.loss * 0.0).backward()
+        with torch.no_grad():
+            for name, value in module.named_buffers():
+                value.copy_(buffers[name])
+
+    def _on_out_of_memory(self, batch: Batch) -> None:
+        frames = batch.padded_frames
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._window["failed"] = True
+        message = (
+            f"step {self.step + 1}: out of memory on batch {batch.index} "
+            f"({batch.size} utterances, {frames} padded frames): skipped"
+        )
+        if self.config.train.oom_shrink is not None and self.max_frames is not None:
+            self.max_frames = int(self.max_frames * self.config.train.oom_shrink)
+            message += f"; max_frames becomes {self.max_frames} from the next epoch"
+        log.warning(message)
+        if self.runtime.distributed:
+            self._dummy_backward()  # the other ranks wait for this rank's gradients
+
+    def _optimizer_step(self) -> None:
+        train, rt = self.config.train, self.runtime
+        window = self._window
+        totals = torch.tensor(
+            [window["weight"], 1.0 if window["failed"] else 0.0], dtype=torch.float64
+        )
+        totals = all_reduce_sum(totals.to(rt.device), rt).cpu()
+        weight, failed = float(totals[0]), bool(totals[1] > 0)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float("nan")
+        if not failed and weight > 0 and params:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            # DDP and FSDP average over ranks; undo that and divide by the global count.
+            factor = rt.world_size / weight
+            torch._foreach_mul_([p.grad for p in params], factor)
+            clip = self.config.optim.clip_grad_norm
+            norm = torch.nn.utils.clip_grad_norm_(
+                params, clip if clip is not None else float("inf")
+            )
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not failed and weight > 0 and np.isfinite(grad_norm):
+            lr = learning_rate(self.config.optim, self.step + 1, train.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.bad_steps = 0
+        elif not failed:
+            self.bad_steps += 1
+            log.warning(
+                "step %d: non-finite gradient (norm %s): update skipped, %d in a row (limit %d)",
+                self.step + 1,
+                grad_norm,
+                self.bad_steps,
+                train.max_bad_steps,
+            )
+            if self.bad_steps >= train.max_bad_steps:
+                raise TrainingAborted(
+                    f"{self.bad_steps} non-finite updates in a row up to step {self.step + 1}: "
+                    "check the learning rate and the data (last good checkpoint in "
+                    f"{self.exp_dir / 'checkpoints'})"
+                )
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_grad_norm = grad_norm
+        self._window = {
+            "weight": 0.0,
+            "frames": 0,
+            "failed": False,
+            "micro": 0,
+            "start": time.perf_counter(),
+        }
+
+    def _after_step(self, end_of_epoch: bool) -> None:
+        train, rt = self.config.train, self.runtime
+        self.bar.update(1)
+        if self.step % train.log_every == 0:
+            self._log_train()
+        validated = False
+        if self.dev_loader is not None and train.valid_every and self.step % train.valid_every == 0:
+            self._validate()
+            validated = True
+        due = (train.save_every_steps and self.step % train.save_every_steps == 0) or (
+            train.save_every_minutes is not None
+            and time.perf_counter() - self.last_save > 60 * train.save_every_minutes
+        )
+        if any_rank(bool(due), rt) or validated:
+            self._save(self._snapshot(), reason="scheduled" if due else "after validation")
+
+    def _end_of_epoch(self) -> None:
+        log.info("epoch %d done at step %d", self.epoch - 1, self.step)
+        if self.dev_loader is not None:
+            self._validate(epoch=self.epoch - 1)
+        self._save(self._snapshot(), reason=f"end of epoch {self.epoch - 1}")
+
+    # -- logging, validation, checkpoints -----------------------------------------------------
+
+    def _log_train(self) -> None:
+        values = self.tracker.reduced(self.runtime)
+        self.tracker = MetricSums()
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = {"split": "train", "step": self.step, "epoch": self.epoch, "lr": lr, **values}
+        record["grad_norm"] = self.last_grad_norm
+        self.metrics_log.write(record)
+        now = time.perf_counter()
+        frames = float(
+            all_reduce_sum(
+                torch.tensor([self._log_window["frames"]], dtype=torch.float64).to(
+                    self.runtime.device
+                ),
+                self.runtime,
+            )
+        )
+        fps = frames / max(now - self._log_window["start"], 1e-9)
+        self._log_window = {"frames": 0, "start": now}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        system = {
+            "split": "system",
+            "step": self.step,
+            "frames_per_s": fps,
+            "peak_rss_mb": rss,
+            "elapsed_s": now - self.started,
+        }
+        if self.runtime.device.type == "cuda":
+            system["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.metrics_log.write(system)
+        loss = values.get("loss")
+        self.bar.set_postfix(
+            loss=f"{loss:.3f}" if loss is not None else "-",
+            lr=f"{lr:.2e}",
+            fps=f"{fps:.0f}",
+            mem=f"{system.get('peak_cuda_mb', rss):.0f}MB",
+        )
+
+    def _validate(self, epoch: int | None = None) -> None:
+        """Dev metrics; `epoch` names the epoch just finished when run at its end."""
+        module = unwrap(self.model)
+        module.eval()
+        sums = MetricSums()
+        with torch.no_grad():
+            for batch in self.dev_loader:
+                if batch.size:
+                    with self._autocast():
+                        sums.add(module(_to_device(batch, self.runtime.device)).metrics)
+        module.train()
+        values = sums.reduced(self.runtime if self._dev_reduce else None)
+        self.metrics_log.write(
+            {
+                "split": "dev",
+                "step": self.step,
+                "epoch": self.epoch if epoch is None else epoch,
+                **values,
+            }
+        )
+        key = self.config.train.best_metric
+        if key not in values:
+            raise ConfigError(
+                f"train.best_metric '{key}' is not a metric of this model ({', '.join(values)})"
+            )
+        if values[key] is not None:
+            self.best.append([values[key], self.step])
+            self.best.sort(
+                key=lambda item: item[0] if self.config.train.best_mode == "min" else -item[0]
+            )
+            self.best = self.best[: self.config.train.keep_best]
+        log.info(
+            "dev at step %d: %s",
+            self.step,
+            ", ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None),
+        )
+
+    def _save(self, snapshot: dict[str, Any], reason: str) -> None:
+        rt = self.runtime
+        key = (self.step, snapshot["epoch"], snapshot["batch_index"])
+        if key == getattr(self, "_last_saved", None):
+            log.info(
+                "checkpoint %s already holds this state (%s)",
+                ckpt.checkpoint_name(self.step),
+                reason,
+            )
+            return
+        self._last_saved = key
+        weights = optimizer = None
+        if rt.is_main or is_fsdp(self.model):  # gathering is a collective under FSDP
+            weights = model_weights(self.model)
+            optimizer = optimizer_state(self.model, self.optimizer)
+        if rt.is_main:
+            # Buffers as they were at the step boundary the snapshot describes.
+            weights.update({k: v.cpu() for k, v in snapshot["buffers"].items() if k in weights})
+            state = {
+                "version": STATE_VERSION,
+                "step": self.step,
+                **{k: v for k, v in snapshot.items() if k != "buffers"},
+                "optimizer": optimizer,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": _rng_state(),
+                "best": self.best,
+                "bad_steps": self.bad_steps,
+                "max_frames": self.max_frames,
+                "global_accum": self.config.train.accum_grad * rt.world_size,
+                "metrics_offset": self.metrics_log.offset(),
+            }
+            directory = self.exp_dir / "checkpoints"
+            try:
+                path = ckpt.save_checkpoint(directory, self.step, weights, state)
+                ckpt.prune(
+                    directory, self.config.train.keep_last, {int(step) for _, step in self.best}
+                )
+                log.info("checkpoint %s saved (%s)", path.name, reason)
+            except ckpt.CheckpointError as error:
+                if reason.startswith("stop") or reason == "end of training":
+                    raise
+                log.error("%s; training goes on", error)
+        self.last_save = time.perf_counter()
+        if rt.distributed:
+            torch.distributed.barrier()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    for name in ("tokens", "token_lens", "feats", "feat_lens", "audio", "audio_lens"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(batch, name, value.to(device, non_blocking=True))
+    return batch
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global generators, for code outside echoic that may draw from them (echoic's own
+    randomness is reseeded per batch and does not need them)."""
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
