@@ -38,7 +38,7 @@ CORPUS := $(DATA)/synth_en
 # File targets: a rerun skips what is done, and training resumes where it stopped
 # (Ctrl-C saves a checkpoint first).
 $(CORPUS)/train.jsonl: | python system
-	$(ECHOIC) synth --out $(CORPUS) --num-utts 2000 --jobs $(JOBS)
+	$(ECHOIC) synth --out $(CORPUS) --num-utts 2000 --hotword-test --jobs $(JOBS)
 
 $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/train.jsonl
 	$(ECHOIC) prepare --manifest $(CORPUS)/train.jsonl --tokenizer char --out $(CORPUS)/lang_char \
@@ -46,6 +46,13 @@ $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/train.jsonl
 
 demo: setup $(CORPUS)/lang_char/cmvn.json
 	$(ECHOIC) train recipes/synth_en/conf/demo.yaml --exp exp/demo
+	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method attention_rescoring \
+		--out exp/demo/decode_test
+	@echo
+	@$(ECHOIC) score --ref $(CORPUS)/test.jsonl --hyp exp/demo/decode_test/hyp.jsonl --worst 3
+	@echo
+	@echo "Transcribe your own recording (any format, rate or channels):"
+	@echo "  $(ECHOIC) transcribe --exp exp/demo my_recording.wav"
 
 clean:
 	rm -rf $(VENV) $(DATA) exp .pytest_cache .ruff_cache *.egg-info

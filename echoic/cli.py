@@ -30,6 +30,7 @@ def _synth(args: argparse.Namespace) -> None:
         seed=args.seed,
         noise_snr=args.noise_snr,
         jobs=args.jobs,
+        hotword_test=args.hotword_utts if args.hotword_test else 0,
         progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - start
@@ -132,6 +133,113 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_curves(args.exp, args.out)}")
 
 
+def _decode(args: argparse.Namespace) -> None:
+    from echoic.decode.decoder import DecodeOptions
+    from echoic.decode.run import decode_manifest
+
+    options = DecodeOptions(
+        method=args.method,
+        beam=args.beam,
+        ctc_weight=args.ctc_weight,
+        reverse_weight=args.reverse_weight,
+        length_penalty=args.length_penalty,
+        max_symbols_per_frame=args.max_symbols,
+    )
+    summary = decode_manifest(
+        args.exp,
+        args.manifest,
+        args.out,
+        options,
+        hotwords=args.hotwords,
+        hotword_boost=args.hotword_boost,
+        checkpoint=args.checkpoint,
+        average_last=args.average_last,
+        max_frames=args.max_frames,
+        threads=args.threads,
+        runtime=args.runtime,
+        onnx_model=args.onnx_model,
+        progress=not args.no_progress,
+    )
+    print(
+        f"decoded {summary['utterances']} utterances with {summary['method']} "
+        f"({summary['runtime']}): RTF {summary['rtf']:.4f} ({summary['decode_s']:.1f} s "
+        f"for {summary['audio_s']:.1f} s of audio), "
+        f"{summary['utts_per_s']:.1f} utterances/s; wrote {Path(args.out) / 'hyp.jsonl'}"
+    )
+
+
+def _export(args: argparse.Namespace) -> None:
+    from echoic.decode.decoder import load_experiment_model
+    from echoic.decode.export import export_model, quantize_onnx, write_export_info
+
+    model, _, _ = load_experiment_model(
+        args.exp, checkpoint=args.checkpoint, average_last=args.average_last
+    )
+    out = Path(args.out) if args.out else Path(args.exp) / "export"
+    path = export_model(model, out, args.format)
+    written = [path]
+    if args.format == "onnx" and not args.no_quantize:
+        written.append(quantize_onnx(path))
+    write_export_info(
+        out,
+        {
+            "format": args.format,
+            "files": [p.name for p in written],
+            "inputs": "feats (B, T, F) float32, feat_lens (B,) int64",
+            "outputs": "log_probs (B, T', V) float32, out_lens (B,) int64",
+        },
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from echoic.decode.transcribe import transcribe
+
+    for path, text in transcribe(
+        args.exp, args.audio, method=args.method, hotwords=args.hotwords, beam=args.beam
+    ):
+        print(f"{path}\t{text}" if len(args.audio) > 1 else text)
+
+
+def _score(args: argparse.Namespace) -> None:
+    from echoic.decode.context import read_hotwords
+    from echoic.score import score_files
+
+    hotwords = [h.phrase for h in read_hotwords(args.hotwords)] if args.hotwords else None
+    report = score_files(
+        args.ref,
+        args.hyp,
+        lowercase=args.lowercase,
+        remove_punctuation=args.remove_punctuation,
+        hotwords=hotwords,
+        alignment=args.alignment,
+    )
+    result = report.to_dict(worst=args.worst)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "worst"}))
+        return
+    w = report.words
+    print(
+        f"WER {100 * w.rate:.2f}% (S={w.sub} D={w.dele} I={w.ins} / {w.ref} words)  "
+        f"CER {100 * report.chars.rate:.2f}%  "
+        f"{report.utterances} utterances"
+    )
+    if report.missing:
+        print(
+            f"  {len(report.missing)} utterances had no hypothesis (scored as deletions), "
+            f"e.g. {report.missing[0]}"
+        )
+    if report.hotwords:
+        h = report.hotwords
+        fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        print(
+            f"hotwords: recall {fmt(h['recall'])} precision {fmt(h['precision'])}  "
+            f"B-WER {fmt(h['b_wer'])} U-WER {fmt(h['u_wer'])}"
+        )
+    for utt in result["worst"]:
+        print(f"  {utt['id']}: {utt['errors']} errors in {utt['ref_words']} words")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echoic", description="End-to-end speech recognition.")
     parser.add_argument("--version", action="version", version=f"echoic {__version__}")
@@ -154,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--jobs", type=int, default=None, help="parallel processes (default: all cores)"
     )
+    synth.add_argument(
+        "--hotword-test",
+        action="store_true",
+        help="also hotword_test.jsonl: sentences with rare words absent from train, "
+        "listed in hotwords.txt with as many distractors",
+    )
+    synth.add_argument("--hotword-utts", type=int, default=100, help="size of the hotword test set")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(run=_synth)
 
@@ -246,6 +361,93 @@ def build_parser() -> argparse.ArgumentParser:
     )
     average.add_argument("--out", help="output .safetensors (default: in the experiment folder)")
     average.set_defaults(run=_average)
+
+    decode = commands.add_parser(
+        "decode",
+        help="decode a manifest with a trained model",
+        description="Decode a manifest with an experiment's model into OUT/hyp.jsonl (id, text, "
+        "tokens, score) and report the real-time factor.",
+    )
+    decode.add_argument("--exp", required=True, help="experiment folder")
+    decode.add_argument("--manifest", required=True)
+    decode.add_argument(
+        "--method",
+        required=True,
+        help="ctc_greedy, ctc_prefix_beam, attention, "
+        "attention_rescoring, rnnt_greedy or rnnt_beam (those the model's heads allow)",
+    )
+    decode.add_argument("--out", required=True, help="output folder")
+    decode.add_argument("--beam", type=int, default=10)
+    decode.add_argument("--ctc-weight", type=float, default=0.5, help="attention_rescoring")
+    decode.add_argument(
+        "--reverse-weight", type=float, default=0.0, help="attention_rescoring, right-to-left"
+    )
+    decode.add_argument("--length-penalty", type=float, default=1.0, help="attention")
+    decode.add_argument("--max-symbols", type=int, default=3, help="rnnt: tokens per frame at most")
+    decode.add_argument("--hotwords", help="file: one phrase per line, optional TAB boost")
+    decode.add_argument("--hotword-boost", type=float, default=None, help="default boost per token")
+    decode.add_argument(
+        "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
+    )
+    decode.add_argument("--average-last", type=int, help="average the last K checkpoints")
+    decode.add_argument("--max-frames", type=int, default=20000, help="padded frames per batch")
+    decode.add_argument("--threads", type=int, help="torch CPU threads")
+    decode.add_argument(
+        "--runtime",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: the exported encoder+CTC in onnxruntime (echoic export first)",
+    )
+    decode.add_argument("--onnx-model", help="with --runtime onnx (default: EXP/export/model.onnx)")
+    decode.add_argument("--no-progress", action="store_true")
+    decode.set_defaults(run=_decode)
+
+    export = commands.add_parser(
+        "export",
+        help="export the encoder + CTC path (ONNX, TorchScript)",
+        description="Export fbank -> CMVN -> encoder -> CTC log-probabilities with dynamic batch "
+        "and "
+        "time axes; ONNX also gets a dynamically quantized int8 copy.",
+    )
+    export.add_argument("--exp", required=True)
+    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    export.add_argument("--out", help="output folder (default: EXP/export)")
+    export.add_argument("--no-quantize", action="store_true", help="ONNX: skip the int8 copy")
+    export.add_argument(
+        "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
+    )
+    export.add_argument("--average-last", type=int, help="average the last K checkpoints")
+    export.set_defaults(run=_export)
+
+    transcribe = commands.add_parser(
+        "transcribe",
+        help="print the transcript of audio files",
+        description="Transcribe audio files (any format soundfile reads, any rate, any channels).",
+    )
+    transcribe.add_argument("--exp", required=True, help="experiment folder")
+    transcribe.add_argument("audio", nargs="+", help="audio files")
+    transcribe.add_argument("--method", help="decoding method (default: the best the model has)")
+    transcribe.add_argument("--hotwords", help="hotword file")
+    transcribe.add_argument("--beam", type=int, default=10)
+    transcribe.set_defaults(run=_transcribe)
+
+    score = commands.add_parser(
+        "score",
+        help="word and character error rates",
+        description="Score hypotheses against a reference manifest: WER, CER, S/D/I, an alignment "
+        "file, the worst utterances; with --hotwords, recall, precision, B-WER and U-WER.",
+    )
+    score.add_argument("--ref", required=True, help="reference manifest")
+    score.add_argument("--hyp", required=True, help="hyp.jsonl from echoic decode")
+    score.add_argument("--lowercase", action="store_true", help="lower-case both sides first")
+    score.add_argument(
+        "--remove-punctuation", action="store_true", help="drop punctuation on both sides"
+    )
+    score.add_argument("--hotwords", help="hotword file: adds recall, precision, B-WER, U-WER")
+    score.add_argument("--alignment", help="per-utterance alignment file (default: beside --hyp)")
+    score.add_argument("--worst", type=int, default=10, help="list this many worst utterances")
+    score.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    score.set_defaults(run=_score)
 
     plot = commands.add_parser(
         "plot",

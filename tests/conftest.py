@@ -51,3 +51,81 @@ def lang(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lang")
     prepare(corpus / "train.jsonl", out, tokenizer="char", jobs=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(corpus, lang, tmp_path_factory):
+    """Experiment folders of tiny models overfitted on the 20 shortest train utterances,
+    made on first use: trained("hybrid") (CTC + attention + right-to-left decoder) or
+    trained("transducer") (transducer + CTC). Returns (exp folder, manifest of the 20)."""
+    import yaml
+
+    from echoic.data.manifest import read_manifest, write_manifest
+    from echoic.train.config import load_experiment
+    from echoic.train.trainer import Trainer
+
+    made: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("trained")
+    full = read_manifest(corpus / "train.jsonl")
+    twenty = sorted(full.utterances, key=lambda u: u.duration)[:20]
+    manifest = root / "twenty.jsonl"
+    write_manifest(manifest, twenty)
+    encoder = {
+        "conformer": {
+            "d_model": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "ffn_dim": 128,
+            "conv_kernel": 7,
+            "dropout": 0.0,
+        }
+    }
+    heads = {
+        "hybrid": {
+            "ctc": {"weight": 0.3},
+            "attention": {
+                "weight": 0.7,
+                "num_layers": 1,
+                "num_heads": 4,
+                "ffn_dim": 128,
+                "dropout": 0.0,
+                "label_smoothing": 0.0,
+                "right_to_left_layers": 1,
+            },
+        },
+        "transducer": {
+            "ctc": {"weight": 0.2},
+            "transducer": {"joiner_dim": 64, "predictor": {"stateless": {"embed_dim": 64}}},
+        },
+    }
+
+    def train(kind: str) -> tuple[Path, Path]:
+        if kind not in made:
+            config = {
+                "data": {
+                    "train": str(manifest),
+                    "lang": str(lang),
+                    "max_frames": 10**6,
+                    "num_buckets": 1,
+                    "spec_augment": None,
+                    "speed_perturb": [1.0],
+                    "num_workers": 0,
+                },
+                "model": {"encoder": encoder, **heads[kind]},
+                "optim": {"lr": 0.005, "scheduler": "constant", "warmup_steps": 0},
+                "train": {
+                    "max_steps": 160 if kind == "hybrid" else 240,
+                    "max_epochs": None,  # one batch an epoch: steps are the limit
+                    "log_every": 20,
+                    "save_every_steps": 80,
+                    "keep_last": 2,
+                },
+            }
+            path = root / f"{kind}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            exp = root / kind
+            assert Trainer(load_experiment(path), exp, progress=False).run() == 0
+            made[kind] = exp
+        return made[kind], manifest
+
+    return train

@@ -330,3 +330,10 @@ def test_free_running_accuracy_penalises_insertions():
     )  # all matched, but 5 inserted
     both = token_accuracy([[1, 2, 3, 4], [5, 6]], [[1, 2, 3, 4], []])
     assert (both.total, both.weight) == (4.0, 6.0)
+
+
+def test_both_relative_shifts_agree():
+    from echoic.models.layers import rel_shift, rel_shift_padded
+
+    scores = torch.randn(2, 3, 7, 13)
+    torch.testing.assert_close(rel_shift(scores), rel_shift_padded(scores), rtol=0, atol=0)

@@ -148,3 +148,11 @@ def test_synth_cli_reports_what_it_wrote_with_a_progress_bar(tmp_path, capsys):
     assert "train 6" in captured.out and "distinct words" in captured.out
     assert "synth en: 100%" in captured.err  # the tqdm bar
     assert (tmp_path / "test.jsonl").is_file()
+
+
+def test_held_out_sentences_use_the_training_vocabulary():
+    plans = plan_corpus("en", 2000, seed=0, voices=ENGLISH_VOICES)
+    train = {w for p in plans if p.split == "train" for w in p.text.split()}
+    for split in ("dev", "test"):
+        words = [w for p in plans if p.split == split for w in p.text.split()]
+        assert sum(w not in train for w in words) == 0, split

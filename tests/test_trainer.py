@@ -399,3 +399,34 @@ def test_plot_average_and_tensorboard(tmp_path, corpus, lang):
         and (exp / "cmvn.json").is_file()
         and (exp / "config.yaml").is_file()
     )
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_still_saves(tmp_path, corpus, lang):
+    # timeout(1) and batch schedulers signal every process of the group, data workers too.
+    config = write_config(tmp_path, corpus, lang, data={"num_workers": 2})
+    exp = tmp_path / "exp"
+    command = [
+        sys.executable,
+        "-m",
+        "echoic",
+        "train",
+        str(config),
+        "--exp",
+        str(exp),
+        "--no-progress",
+    ]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "ECHOIC_PAUSE_AT": "5:1"},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 180
+    while not (exp / "paused").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "step-00000005 saved (stop (SIGTERM))" in stderr

@@ -10,6 +10,7 @@ raises the one error the config asks to be fatal (missing audio, when
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -291,6 +292,11 @@ def _identity(batch: Batch) -> Batch:
 def _worker_init(_worker_id: int) -> None:
     # Workers do numpy work; one torch thread each keeps them from fighting over cores.
     torch.set_num_threads(1)
+    # A SIGTERM or SIGINT sent to the whole process group (timeout, a scheduler's
+    # preemption, Ctrl-C) is the main process's to handle: it saves a checkpoint and
+    # then stops the workers. Workers dying first would crash the main loop instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class BatchLoader:

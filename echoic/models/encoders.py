@@ -202,9 +202,11 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, feats: torch.Tensor, lengths: torch.Tensor
+        self, feats: torch.Tensor, lengths: torch.Tensor, static: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        shortest = int(lengths.min())
+        """`static=True` (export) leaves out the branches that depend on the data: the
+        length check, and skipping the mask when nothing is padded."""
+        shortest = self.min_input_frames if static else int(lengths.min())
         if shortest < self.min_input_frames:
             raise ValueError(
                 f"an input of {shortest} frames is too short for subsampling by "
@@ -223,7 +225,7 @@ class Encoder(nn.Module):
         x = self.input_dropout(x)
         valid = lengths_to_mask(lengths, frames)
         # No mask at all when nothing is padded lets SDPA take its fastest path.
-        attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        attn_mask = valid[:, None, None, :] if static or not bool(valid.all()) else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, valid, attn_mask, positions, use_reentrant=False)

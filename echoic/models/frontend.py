@@ -73,14 +73,15 @@ class FbankFrontend(nn.Module):
         """-> features (B, T, F) with padding zeroed, lengths (B,)."""
         if batch.feats is None:
             raise EchoicError("the fbank frontend needs a batch with fbank features")
-        feats, lengths = batch.feats, batch.feat_lens
-        if self.config.global_cmvn:
-            valid = (
-                torch.arange(feats.shape[1], device=feats.device)[None, :, None]
-                < lengths[:, None, None]
-            )
-            feats = ((feats - self.cmvn_mean) * self.cmvn_istd) * valid
-        return feats, lengths
+        return self.normalize(batch.feats, batch.feat_lens), batch.feat_lens
+
+    def normalize(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Global CMVN on (B, T, F) fbank, padding kept at zero."""
+        if not self.config.global_cmvn:
+            return feats
+        frames = torch.arange(feats.shape[1], device=feats.device)
+        valid = frames[None, :, None] < lengths[:, None, None]
+        return ((feats - self.cmvn_mean) * self.cmvn_istd) * valid
 
 
 Frontend = FbankFrontend  # the interface every frontend implements; more kinds come later

@@ -174,9 +174,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def rel_shift(scores: torch.Tensor) -> torch.Tensor:
     """(B, H, T, 2T-1) position scores -> (B, H, T, T), entry [i, j] taken from column
-    (T-1) - (i - j), i.e. relative distance i - j. A strided view: no copy."""
+    (T-1) - (i - j), i.e. relative distance i - j. A strided view: no copy. Exporters
+    have no as_strided, so under export the same result comes from Transformer-XL's
+    pad-and-reshape."""
+    if _exporting():
+        return rel_shift_padded(scores)
     batch, heads, frames, _ = scores.shape
     s0, s1, s2, s3 = scores.stride()
     return scores.as_strided(
@@ -184,6 +192,14 @@ def rel_shift(scores: torch.Tensor) -> torch.Tensor:
         (s0, s1, s2 - s3, s3),
         storage_offset=scores.storage_offset() + (frames - 1) * s3,
     )
+
+
+def rel_shift_padded(scores: torch.Tensor) -> torch.Tensor:
+    """rel_shift by padding one column, reading the buffer as (2T, T) rows and dropping
+    the first: the same values, through copies every exporter understands."""
+    batch, heads, frames, width = scores.shape
+    padded = F.pad(scores, (1, 0)).view(batch, heads, width + 1, frames)
+    return padded[:, :, 1:].reshape(batch, heads, frames, width)[..., :frames]
 
 
 class MultiHeadAttention(nn.Module):

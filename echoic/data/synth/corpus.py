@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "dev", "test")
+HOTWORD_SPLIT = "hotword_test"  # written only with --hotword-test
+HOTWORD_MIN_LETTERS = 5  # hotwords are names and terms, not short function words
 FESTIVAL_SHARE = 0.3  # of English utterances: festival's voices are few but natural
 TEST_ONLY_SHARE = 0.35  # of test utterances spoken by voices never heard in train
 ESPEAK_RATE = (135, 195)  # words per minute
@@ -80,37 +82,90 @@ def plan_corpus(
     pool = sentences(lang)
     sizes = split_sizes(num_utts, dev_fraction, test_fraction)
     order = make_rng(seed, lang, "sentences").permutation(len(pool))
-    # Test and dev get their own sentences first; train draws from the rest (repeating
-    # sentences, with other voices, only when asked for more utterances than exist).
     held_out = sizes["test"] + sizes["dev"]
     if held_out >= len(pool):
         raise EchoicError(f"only {len(pool)} sentences available: ask for fewer utterances")
+    # Train takes its sentences first (repeating them, with other voices, only when asked
+    # for more utterances than exist). Test and dev then take unused sentences with the
+    # fewest words train never has, none when the pool allows: like read-speech test
+    # sets, they measure recognition of the training vocabulary. Unseen words are what
+    # the hotword test set (--hotword-test) is for.
+    train_count = min(sizes["train"], len(pool) - held_out)
+    vocabulary = {w for i in order[:train_count] for w in pool[i].split()}
+    rest = order[train_count:]
+    unseen = [sum(w not in vocabulary for w in pool[i].split()) for i in rest]
+    ranked = [rest[i] for i in sorted(range(len(rest)), key=lambda i: (unseen[i], i))]
     sentence_ids = {
-        "test": order[: sizes["test"]],
-        "dev": order[sizes["test"] : held_out],
-        "train": order[held_out:],
+        "train": order[:train_count],
+        "test": ranked[: sizes["test"]],
+        "dev": ranked[sizes["test"] : held_out],
     }
-    train_voices = [v for v in voices if not v.test_only]
-    test_voices = [v for v in voices if v.test_only]
     plans = []
     for split in SPLITS:
         ids = sentence_ids[split]
         for number in range(sizes[split]):
-            utt_id = f"{lang}-{split}-{number:06d}"
-            rng = make_rng(seed, lang, "voice", utt_id)
-            if split == "test" and test_voices and rng.random() < TEST_ONLY_SHARE:
-                voice = test_voices[rng.integers(len(test_voices))]
-            else:
-                voice = _pick_voice(train_voices, rng)
-            if voice.engine == "espeak":
-                rate, pitch = float(rng.integers(*ESPEAK_RATE)), float(rng.integers(*ESPEAK_PITCH))
-            else:
-                rate = round(float(rng.uniform(*FESTIVAL_STRETCH)), 3)
-                pitch = round(float(rng.uniform(*FESTIVAL_PITCH)), 3)
-            peak = round(float(rng.uniform(*PEAK_LEVEL)), 3)
             text = pool[ids[number % len(ids)]]
-            plans.append(PlannedUtterance(utt_id, split, text, voice, rate, pitch, peak))
+            plans.append(_plan_utterance(f"{lang}-{split}-{number:06d}", split, text, voices, seed, lang))
     return plans
+
+
+def _plan_utterance(
+    utt_id: str, split: str, text: str, voices: Sequence[Voice], seed: int, lang: str
+) -> PlannedUtterance:
+    """Voice, rate, pitch and level of one utterance, from (seed, utterance id)."""
+    rng = make_rng(seed, lang, "voice", utt_id)
+    test_voices = [v for v in voices if v.test_only]
+    if split == "test" and test_voices and rng.random() < TEST_ONLY_SHARE:
+        voice = test_voices[rng.integers(len(test_voices))]
+    else:
+        voice = _pick_voice([v for v in voices if not v.test_only], rng)
+    if voice.engine == "espeak":
+        rate, pitch = float(rng.integers(*ESPEAK_RATE)), float(rng.integers(*ESPEAK_PITCH))
+    else:
+        rate = round(float(rng.uniform(*FESTIVAL_STRETCH)), 3)
+        pitch = round(float(rng.uniform(*FESTIVAL_PITCH)), 3)
+    peak = round(float(rng.uniform(*PEAK_LEVEL)), 3)
+    return PlannedUtterance(utt_id, split, text, voice, rate, pitch, peak)
+
+
+def plan_hotword_test(
+    plans: Sequence[PlannedUtterance], lang: str, seed: int, voices: Sequence[Voice], count: int
+) -> tuple[list[PlannedUtterance], list[str], list[str]]:
+    """A test set for biasing: `count` unused sentences, each with a rare word that never
+    occurs in train (the word is its hotword), and as many distractor hotwords that occur
+    neither in train nor in these sentences. Train voices only, so that the set measures
+    biasing, not unseen voices. Returns (plans, hotwords, distractors)."""
+    if lang != "en":
+        raise EchoicError("--hotword-test is for English corpora")
+    pool = sentences(lang)
+    used = {p.text for p in plans}
+    train_words = {w for p in plans if p.split == "train" for w in p.text.split()}
+    spread = Counter(w for sentence in pool for w in set(sentence.split()))
+
+    def rare(word: str) -> bool:
+        return len(word) >= HOTWORD_MIN_LETTERS and "'" not in word and word not in train_words and spread[word] <= 3
+
+    unused = [s for s in pool if s not in used]
+    chosen: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for index in make_rng(seed, lang, "hotword-sentences").permutation(len(unused)):
+        sentence = unused[index]
+        candidates = [w for w in sentence.split() if rare(w) and w not in taken]
+        if candidates:
+            word = max(candidates, key=len)
+            chosen.append((sentence, word))
+            taken.add(word)
+            if len(chosen) == count:
+                break
+    in_chosen = {w for sentence, _ in chosen for w in sentence.split()}
+    others = sorted({w for s in unused for w in s.split() if rare(w) and w not in in_chosen})
+    order = make_rng(seed, lang, "distractors").permutation(len(others))
+    distractors = [others[i] for i in order[: len(chosen)]]
+    test_plans = [
+        _plan_utterance(f"{lang}-hotword-{n:06d}", HOTWORD_SPLIT, sentence, [v for v in voices if not v.test_only], seed, lang)
+        for n, (sentence, _) in enumerate(chosen)
+    ]
+    return test_plans, [word for _, word in chosen], distractors
 
 
 def _pick_voice(voices: Sequence[Voice], rng: np.random.Generator) -> Voice:
@@ -204,14 +259,24 @@ def synthesize_corpus(
     seed: int = 0,
     noise_snr: float | None = None,
     jobs: int | None = None,
+    hotword_test: int = 0,
     progress: bool = True,
 ) -> dict:
     """Write wav/<split>/*.wav, train.jsonl, dev.jsonl, test.jsonl and corpus.json under
-    `out_dir`. Returns the corpus summary (also in corpus.json)."""
+    `out_dir` (with `hotword_test` > 0 also hotword_test.jsonl and hotwords.txt).
+    Returns the corpus summary (also in corpus.json)."""
     out_dir = Path(out_dir)
     voices = check_voices(voices_for(lang), lang)
     plans = plan_corpus(lang, num_utts, seed, voices)
-    for split in SPLITS:
+    splits = SPLITS
+    if hotword_test:
+        extra, hotwords, distractors = plan_hotword_test(plans, lang, seed, voices, hotword_test)
+        plans = [*plans, *extra]
+        splits = (*SPLITS, HOTWORD_SPLIT)
+        listed = sorted(hotwords + distractors)
+        (out_dir).mkdir(parents=True, exist_ok=True)
+        (out_dir / "hotwords.txt").write_text("".join(f"{w}\n" for w in listed))
+    for split in splits:
         (out_dir / "wav" / split).mkdir(parents=True, exist_ok=True)
     jobs = max(1, jobs or os.cpu_count() or 1)
     work = [(chunk, str(out_dir), seed, noise_snr) for chunk in _chunks(plans)]
@@ -227,7 +292,9 @@ def synthesize_corpus(
                 for written in pool.imap_unordered(_synthesize_chunk, work):
                     lengths.update(written)
                     bar.update(len(written))
-    summary = _write_manifests(out_dir, plans, lengths, lang)
+    summary = _write_manifests(out_dir, plans, lengths, lang, splits)
+    if hotword_test:
+        summary["hotwords"] = {"in_sentences": len(hotwords), "distractors": len(distractors)}
     summary.update(
         lang=lang,
         seed=seed,
@@ -240,9 +307,11 @@ def synthesize_corpus(
     return summary
 
 
-def _write_manifests(out_dir: Path, plans: list[PlannedUtterance], lengths: dict[str, int], lang: str) -> dict:
+def _write_manifests(
+    out_dir: Path, plans: list[PlannedUtterance], lengths: dict[str, int], lang: str, splits: Sequence[str]
+) -> dict:
     summary: dict = {"splits": {}}
-    for split in SPLITS:
+    for split in splits:
         chosen = [p for p in plans if p.split == split]
         utterances = [
             Utterance(

@@ -1,0 +1,189 @@
+"""Decoding methods by name, the options they take, and loading a trained model.
+
+Each method names the heads it needs; `available_methods(model)` lists the ones a
+model supports, and asking for another is a one-line error listing those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from echoic.data.dataset import Batch
+from echoic.data.tokenizer import Tokenizer, load_tokenizer
+from echoic.decode.context import ContextGraph
+from echoic.decode.search import (
+    Hypothesis,
+    attention_beam,
+    attention_rescoring,
+    ctc_greedy,
+    ctc_prefix_beam,
+    rnnt_beam,
+    rnnt_greedy,
+)
+from echoic.errors import ConfigError, EchoicError
+from echoic.models.asr import AsrModel, build_model
+from echoic.train.checkpoint import average_weights, list_checkpoints, load_checkpoint
+from echoic.train.config import ExperimentConfig, parse_experiment
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    method: str
+    beam: int = 10  # hypotheses kept (and CTC n-best size for attention_rescoring)
+    ctc_weight: float = 0.5  # attention_rescoring: weight of the CTC score
+    reverse_weight: float = 0.0  # attention_rescoring: weight of the right-to-left decoder
+    length_penalty: float = 1.0  # attention: finished score / length ** length_penalty
+    max_symbols_per_frame: int = 3  # rnnt_greedy / rnnt_beam
+    context: ContextGraph | None = (
+        None  # hotword biasing (ctc_prefix_beam, attention_rescoring, rnnt_beam)
+    )
+
+
+def _ctc_greedy(model, encoded, lens, options):
+    return ctc_greedy(model.ctc.log_probs(encoded), lens)
+
+
+def _ctc_prefix_beam(model, encoded, lens, options):
+    log_probs = model.ctc.log_probs(encoded)
+    return [
+        ctc_prefix_beam(log_probs[b, :n], options.beam, options.context)
+        for b, n in enumerate(lens.tolist())
+    ]
+
+
+def _attention(model, encoded, lens, options):
+    return attention_beam(model.attention, encoded, lens, options.beam, options.length_penalty)
+
+
+def _attention_rescoring(model, encoded, lens, options):
+    nbests = _ctc_prefix_beam(model, encoded, lens, options)
+    return [
+        attention_rescoring(
+            model.attention,
+            encoded[b : b + 1],
+            lens[b : b + 1],
+            nbest,
+            options.ctc_weight,
+            options.reverse_weight,
+        )
+        for b, nbest in enumerate(nbests)
+    ]
+
+
+def _rnnt_greedy(model, encoded, lens, options):
+    return rnnt_greedy(model.transducer, encoded, lens, options.max_symbols_per_frame)
+
+
+def _rnnt_beam(model, encoded, lens, options):
+    return [
+        rnnt_beam(
+            model.transducer,
+            encoded[b],
+            n,
+            options.beam,
+            options.max_symbols_per_frame,
+            options.context,
+        )
+        for b, n in enumerate(lens.tolist())
+    ]
+
+
+# name -> (heads it needs, search, whether it accepts hotwords)
+METHODS: dict[str, tuple[tuple[str, ...], Callable, bool]] = {
+    "ctc_greedy": (("ctc",), _ctc_greedy, False),
+    "ctc_prefix_beam": (("ctc",), _ctc_prefix_beam, True),
+    "attention": (("attention",), _attention, False),
+    "attention_rescoring": (("ctc", "attention"), _attention_rescoring, True),
+    "rnnt_greedy": (("transducer",), _rnnt_greedy, False),
+    "rnnt_beam": (("transducer",), _rnnt_beam, True),
+}
+
+
+def available_methods(model: AsrModel) -> list[str]:
+    return [
+        name
+        for name, (heads, _, _) in METHODS.items()
+        if all(getattr(model, h) is not None for h in heads)
+    ]
+
+
+def default_method(model: AsrModel) -> str:
+    """The most accurate method the model has."""
+    for name in ("attention_rescoring", "rnnt_beam", "ctc_prefix_beam", "attention"):
+        if name in available_methods(model):
+            return name
+    return available_methods(model)[0]
+
+
+def check_options(model: AsrModel, options: DecodeOptions) -> None:
+    valid = available_methods(model)
+    if options.method not in valid:
+        raise EchoicError(
+            f"method '{options.method}' needs heads this model lacks; "
+            f"valid methods: {', '.join(valid)}"
+        )
+    if options.context is not None and not METHODS[options.method][2]:
+        biased = [m for m in valid if METHODS[m][2]]
+        raise EchoicError(f"hotwords work with {', '.join(biased)}, not with {options.method}")
+    if options.beam < 1:
+        raise EchoicError("--beam must be at least 1")
+
+
+@torch.no_grad()
+def decode_batch(model: AsrModel, batch: Batch, options: DecodeOptions) -> list[Hypothesis]:
+    """The best hypothesis of every utterance in the batch."""
+    encoded, lens = model.encode(batch)
+    _, search, _ = METHODS[options.method]
+    nbests = search(model, encoded, lens, options)
+    return [nbest[0] if nbest else Hypothesis((), float("-inf")) for nbest in nbests]
+
+
+# -- loading a trained experiment -------------------------------------------------------------
+
+
+def load_experiment_model(
+    exp_dir: str | Path, *, checkpoint: str | None = None, average_last: int | None = None
+) -> tuple[AsrModel, Tokenizer, ExperimentConfig]:
+    """The model of an experiment folder, in eval mode: the newest checkpoint, a given
+    checkpoint folder or .safetensors file, or the average of the last K checkpoints."""
+    exp_dir = Path(exp_dir)
+    config_path = exp_dir / "config.yaml"
+    if not config_path.is_file():
+        raise EchoicError(
+            f"{exp_dir} is not an experiment folder (no config.yaml): train one with `echoic train`"
+        )
+    try:
+        config = parse_experiment(
+            yaml.safe_load(config_path.read_text()) or {}, where=str(config_path)
+        )
+    except ConfigError as error:
+        raise EchoicError(str(error)) from None
+    tokenizer = load_tokenizer(exp_dir / "tokenizer.json")
+    model = build_model(config.model, tokenizer.vocab_size)
+    checkpoints = list_checkpoints(exp_dir / "checkpoints")
+    if average_last:
+        if len(checkpoints) < average_last:
+            raise EchoicError(
+                f"--average-last {average_last}: {exp_dir} has {len(checkpoints)} checkpoints"
+            )
+        weights = average_weights(checkpoints[-average_last:])
+    elif checkpoint:
+        path = Path(checkpoint)
+        if path.is_dir():
+            weights, _ = load_checkpoint(path)
+        elif path.is_file():
+            weights = load_file(path)
+        else:
+            raise EchoicError(f"checkpoint not found: {path}")
+    else:
+        if not checkpoints:
+            raise EchoicError(f"{exp_dir} has no checkpoints yet")
+        weights, _ = load_checkpoint(checkpoints[-1])
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), tokenizer, config

@@ -1,0 +1,126 @@
+"""`echoic export`: the encoder + CTC path as ONNX (for onnxruntime) or TorchScript.
+
+The exported graph takes fbank features and their lengths and returns CTC
+log-probabilities and their lengths, with dynamic batch and time axes:
+
+    feats (B, T, F) float32, feat_lens (B,) int64
+    -> log_probs (B, T', V) float32, out_lens (B,) int64
+
+Global CMVN is inside the graph, so a runtime only needs kaldi-compatible fbank
+(kaldi-native-fbank, as echoic computes it). `quantize_onnx` makes a dynamic int8
+copy (weights int8, activations quantized on the fly) with onnxruntime's tools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from echoic.errors import EchoicError
+from echoic.models.asr import AsrModel
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+TORCHSCRIPT_FILE = "model.ts"
+
+
+class CtcPath(nn.Module):
+    """Frontend normalisation -> encoder -> CTC log-probabilities, tensors in and out."""
+
+    def __init__(self, model: AsrModel) -> None:
+        super().__init__()
+        if model.ctc is None:
+            raise EchoicError("export covers the encoder + CTC path; this model has no CTC head")
+        self.frontend, self.encoder, self.ctc = model.frontend, model.encoder, model.ctc
+
+    def forward(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.frontend.normalize(feats, feat_lens)
+        encoded, lens = self.encoder(feats, feat_lens, static=True)
+        return self.ctc.log_probs(encoded), lens
+
+
+def _example(model: AsrModel) -> tuple[torch.Tensor, torch.Tensor]:
+    frames = max(200, 4 * model.encoder.min_input_frames)
+    feats = torch.randn(2, frames, model.frontend.output_dim)
+    return feats, torch.tensor([frames, frames - 37])
+
+
+def export_model(model: AsrModel, out_dir: str | Path, fmt: str) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = CtcPath(model.eval()).eval()
+    example = _example(model)
+    if fmt == "torchscript":
+        target = out_dir / TORCHSCRIPT_FILE
+        with torch.no_grad():
+            torch.jit.trace(path, example, check_trace=False).save(str(target))
+        return target
+    if fmt != "onnx":
+        raise EchoicError(f"unknown export format '{fmt}' (allowed: onnx, torchscript)")
+    target = out_dir / ONNX_FILE
+    batch, time = (
+        torch.export.Dim("batch", min=1),
+        torch.export.Dim("time", min=model.encoder.min_input_frames + 1),
+    )
+    with torch.no_grad():
+        program = torch.onnx.export(
+            path,
+            example,
+            dynamo=True,
+            input_names=["feats", "feat_lens"],
+            output_names=["log_probs", "out_lens"],
+            dynamic_shapes={"feats": {0: batch, 1: time}, "feat_lens": {0: batch}},
+            optimize=True,
+        )
+    program.save(str(target))
+    return target
+
+
+def quantize_onnx(source: Path) -> Path:
+    """Dynamic int8 quantization (onnxruntime.quantization)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = source.with_name(ONNX_INT8_FILE)
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    return target
+
+
+class OnnxCtc:
+    """The exported encoder + CTC in onnxruntime."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise EchoicError(f"{path} not found: run `echoic export --format onnx` first")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, lens = self.session.run(
+            None,
+            {
+                "feats": feats.numpy().astype(np.float32),
+                "feat_lens": feat_lens.numpy().astype(np.int64),
+            },
+        )
+        return torch.from_numpy(log_probs), torch.from_numpy(lens)
+
+
+def write_export_info(out_dir: Path, info: dict) -> None:
+    (out_dir / "export.json").write_text(json.dumps(info, indent=1) + "\n")

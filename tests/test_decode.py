@@ -1,0 +1,295 @@
+"""Decoding: every method on tiny overfitted models, rescoring, hotword biasing, ONNX
+and TorchScript export, transcription of arbitrary audio files."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from echoic.cli import main
+from echoic.data.dataset import build_loader
+from echoic.data.manifest import read_manifest
+from echoic.decode.context import ContextGraph, Hotword, read_hotwords
+from echoic.decode.decoder import (
+    DecodeOptions,
+    available_methods,
+    decode_batch,
+    load_experiment_model,
+)
+from echoic.decode.search import attention_rescoring, ctc_prefix_beam, sequence_log_probs
+from echoic.errors import EchoicError
+
+# -- the context graph ------------------------------------------------------------------------
+
+
+def _walk(graph: ContextGraph, tokens: list[int]) -> float:
+    state, total = graph.initial_state(), 0.0
+    for token in tokens:
+        change, state = graph.step(state, token)
+        total += change
+    return total + graph.finish(state)
+
+
+BOUNDARY = 9
+
+
+def test_context_graph_rewards_a_full_match_and_takes_back_a_partial_one():
+    graph = ContextGraph([([BOUNDARY, 1, 2, 3], 1.5)], start_token=BOUNDARY)
+    assert _walk(graph, [1, 2, 3]) == pytest.approx(4.5)  # at the start of the utterance
+    assert _walk(graph, [5, BOUNDARY, 1, 2, 3, BOUNDARY, 6]) == pytest.approx(4.5)  # mid-sentence
+    assert _walk(graph, [1, 2, 4]) == 0.0  # near miss: the partial bonus goes back
+    assert _walk(graph, [1, 2]) == 0.0  # still pending at the end: taken back too
+    assert _walk(graph, [5, 1, 2, 3]) == 0.0  # inside another word: no match
+    state, running = graph.initial_state(), []
+    for token in [1, 2, 4]:
+        change, state = graph.step(state, token)
+        running.append(change)
+    assert running == [1.5, 1.5, -3.0]  # partial matches are rewarded while they last
+
+
+def test_context_graph_overlapping_phrases():
+    # Shared prefix: the longer phrase earns only its extra tokens.
+    graph = ContextGraph(
+        [([BOUNDARY, 1, 2], 1.0), ([BOUNDARY, 1, 2, BOUNDARY, 3], 1.0)], start_token=BOUNDARY
+    )
+    assert _walk(graph, [1, 2, BOUNDARY, 3]) == pytest.approx(4.0)
+    assert _walk(graph, [1, 2, BOUNDARY, 4]) == pytest.approx(2.0)  # the shorter phrase is kept
+    # Overlap of a suffix and a prefix: the second match starts inside the first.
+    graph = ContextGraph([([1, 2, 3], 1.0), ([2, 3, 4], 1.0)])
+    assert _walk(graph, [1, 2, 3, 4]) == pytest.approx(4.0)
+    # A failed match restarts inside itself.
+    graph = ContextGraph([([1, 1, 2], 1.0)])
+    assert _walk(graph, [1, 1, 1, 2]) == pytest.approx(3.0)
+
+
+def test_hotword_file_and_tokenization(tmp_path, trained):
+    path = tmp_path / "hotwords.txt"
+    path.write_text("# names\nnew york\t3.5\n\nzebra\n")
+    assert read_hotwords(path) == [Hotword("new york", 3.5), Hotword("zebra", 2.0)]
+    (tmp_path / "bad.txt").write_text("alpha\tlots\n")
+    with pytest.raises(EchoicError, match=r"bad.txt:1: boost must be a number"):
+        read_hotwords(tmp_path / "bad.txt")
+    _, tokenizer, _ = load_experiment_model(trained("hybrid")[0])
+    with pytest.raises(EchoicError, match="characters the tokenizer does not know"):
+        ContextGraph.build([Hotword("naïve")], tokenizer)
+
+
+def test_biasing_turns_a_close_call_into_the_hotword():
+    # Frames favour token 1 over token 2 slightly; a hotword made of token 2 wins with biasing.
+    rows = [[-5.0, -0.9, -1.1], [-0.1, -3.0, -3.0]]
+    log_probs = torch.tensor(rows).log_softmax(-1)
+    plain = ctc_prefix_beam(log_probs, beam=3)
+    assert plain[0].tokens == (1,)
+    graph = ContextGraph([([2], 1.0)])
+    biased = ctc_prefix_beam(log_probs, beam=3, context=graph)
+    assert biased[0].tokens == (2,) and biased[0].context_score == pytest.approx(1.0)
+
+
+# -- every method on overfitted models -----------------------------------------------------
+
+
+def _batches(exp, manifest_path):
+    model, tokenizer, config = load_experiment_model(exp)
+    manifest = read_manifest(manifest_path)
+    loader = build_loader(
+        manifest, tokenizer, config.data, input_spec=model.input_spec, seed=0, train=False
+    )
+    return model, tokenizer, list(loader)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hybrid", "transducer"])
+def test_greedy_and_beam_agree_on_easy_utterances(trained, kind):
+    model, tokenizer, batches = _batches(*trained(kind))
+    pairs = {
+        "hybrid": [(DecodeOptions("ctc_greedy"), DecodeOptions("ctc_prefix_beam", beam=4)),
+                   (DecodeOptions("attention", beam=1), DecodeOptions("attention", beam=4))],
+        "transducer": [(DecodeOptions("rnnt_greedy"), DecodeOptions("rnnt_beam", beam=4)),
+                       (DecodeOptions("ctc_greedy"), DecodeOptions("ctc_prefix_beam", beam=4))],
+    }[kind]  # fmt: skip
+    batch = batches[0]
+    for greedy, beam in pairs:
+        first = decode_batch(model, batch, greedy)
+        second = decode_batch(model, batch, beam)
+        # Easy utterances: the ones greedy search already gets right.
+        easy = [i for i, h in enumerate(first) if tokenizer.decode(h.tokens) == batch.texts[i]]
+        assert len(easy) >= 3, (greedy.method, len(easy))
+        agree = sum(first[i].tokens == second[i].tokens for i in easy)
+        assert agree >= len(easy) - 1, (greedy.method, beam.method, agree, len(easy))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_rescoring_picks_the_best_combined_score(trained):
+    model, _, batches = _batches(*trained("hybrid"))
+    batch = batches[0]
+    encoded, lens = model.encode(batch)
+    log_probs = model.ctc.log_probs(encoded)
+    for b in range(3):
+        nbest = ctc_prefix_beam(log_probs[b, : lens[b]], beam=5)
+        ranked = attention_rescoring(
+            model.attention, encoded[b : b + 1], lens[b : b + 1], nbest, 0.5, 0.3
+        )
+        memory, memory_len = encoded[b : b + 1], lens[b : b + 1]
+        candidates = [h.tokens for h in nbest]
+        left = sequence_log_probs(
+            model.attention.decoder, memory, memory_len, candidates, model.attention.sos_eos_id
+        )
+        right = sequence_log_probs(
+            model.attention.reverse_decoder,
+            memory,
+            memory_len,
+            candidates,
+            model.attention.sos_eos_id,
+            reverse=True,
+        )
+        combined = [
+            0.5 * h.ctc_score + 0.7 * float(l2r) + 0.3 * float(r2l)
+            for h, l2r, r2l in zip(nbest, left, right)
+        ]
+        assert ranked[0].score == pytest.approx(max(combined), abs=1e-4)
+        assert all(ranked[0].score >= h.score for h in ranked)
+
+
+@pytest.mark.slow
+def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
+    for kind in ("hybrid", "transducer"):
+        exp, manifest = trained(kind)
+        model, _, _ = load_experiment_model(exp)
+        for method in available_methods(model):
+            out = tmp_path / kind / method
+            code = main(
+                [
+                    "decode",
+                    "--exp",
+                    str(exp),
+                    "--manifest",
+                    str(manifest),
+                    "--method",
+                    method,
+                    "--out",
+                    str(out),
+                    "--beam",
+                    "4",
+                    "--no-progress",
+                ]
+            )
+            assert code == 0
+            printed = capsys.readouterr().out
+            assert "RTF" in printed and "utterances/s" in printed
+            lines = [json.loads(line) for line in (out / "hyp.jsonl").read_text().splitlines()]
+            assert len(lines) == 20 and set(lines[0]) == {"id", "text", "tokens", "score"}
+            assert (
+                main(["score", "--ref", str(manifest), "--hyp", str(out / "hyp.jsonl"), "--json"])
+                == 0
+            )
+            wer = json.loads(capsys.readouterr().out)["wer"]
+            # A 160-step decoder still loops in free running; the other searches must be good.
+            assert wer < (1.0 if method == "attention" else 0.3), (kind, method, wer)
+    exp, manifest = trained("hybrid")
+    code = main(
+        [
+            "decode",
+            "--exp",
+            str(exp),
+            "--manifest",
+            str(manifest),
+            "--method",
+            "rnnt_beam",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "echoic: error: method 'rnnt_beam' needs heads this model lacks; valid methods: "
+        "ctc_greedy, ctc_prefix_beam, attention, attention_rescoring"
+    )
+    hotwords = tmp_path / "hotwords.txt"
+    hotwords.write_text("the\n")
+    code = main(
+        [
+            "decode",
+            "--exp",
+            str(exp),
+            "--manifest",
+            str(manifest),
+            "--method",
+            "ctc_greedy",
+            "--hotwords",
+            str(hotwords),
+            "--out",
+            str(tmp_path / "y"),
+        ]
+    )
+    assert (
+        code == 2
+        and "hotwords work with ctc_prefix_beam, attention_rescoring" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_onnx_and_torchscript_export_match_pytorch(trained, tmp_path, capsys):
+    exp, manifest = trained("hybrid")
+    assert main(["export", "--exp", str(exp), "--format", "onnx"]) == 0
+    assert (exp / "export" / "model.onnx").is_file() and (
+        exp / "export" / "model.int8.onnx"
+    ).is_file()
+    outputs = {}
+    for runtime in ("torch", "onnx"):
+        out = tmp_path / runtime
+        args = [
+            "decode",
+            "--exp",
+            str(exp),
+            "--manifest",
+            str(manifest),
+            "--method",
+            "ctc_greedy",
+            "--out",
+            str(out),
+            "--runtime",
+            runtime,
+            "--no-progress",
+        ]
+        assert main(args) == 0
+        outputs[runtime] = [
+            json.loads(line)["tokens"] for line in (out / "hyp.jsonl").read_text().splitlines()
+        ]
+    assert outputs["torch"] == outputs["onnx"]
+    assert (
+        main(
+            ["export", "--exp", str(exp), "--format", "torchscript", "--out", str(tmp_path / "ts")]
+        )
+        == 0
+    )
+    scripted = torch.jit.load(str(tmp_path / "ts" / "model.ts"))
+    model, _, batches = _batches(exp, manifest)
+    batch = batches[0]
+    log_probs, lens = scripted(batch.feats, batch.feat_lens)
+    encoded, reference_lens = model.encode(batch)
+    torch.testing.assert_close(log_probs, model.ctc.log_probs(encoded), atol=1e-5, rtol=1e-4)
+    assert torch.equal(lens, reference_lens)
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_transcribe_a_44k_stereo_file(trained, tmp_path, capsys):
+    exp, manifest = trained("hybrid")
+    utterance = read_manifest(manifest).utterances[0]
+    audio, rate = sf.read(utterance.audio)
+    import soxr
+
+    resampled = soxr.resample(audio, rate, 44100)
+    stereo = np.stack([resampled, 0.5 * resampled], axis=1)
+    path = tmp_path / "stereo.flac"
+    sf.write(path, stereo, 44100)
+    assert sf.info(path).channels == 2 and sf.info(path).samplerate == 44100
+    assert main(["transcribe", "--exp", str(exp), str(path)]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text == utterance.text
+    assert main(["transcribe", "--exp", str(exp), str(tmp_path / "nope.wav")]) == 2
+    assert "audio file not found" in capsys.readouterr().err
