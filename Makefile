@@ -49,6 +49,7 @@ demo: setup $(CORPUS)/lang_char/cmvn.json
 	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method attention_rescoring \
 		--out exp/demo/decode_test
 	@echo
+	@echo "Test split, demo model (attention_rescoring):"
 	@$(ECHOIC) score --ref $(CORPUS)/test.jsonl --hyp exp/demo/decode_test/hyp.jsonl --worst 3
 	@echo
 	@echo "Transcribe your own recording (any format, rate or channels):"

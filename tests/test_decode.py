@@ -160,22 +160,8 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
         model, _, _ = load_experiment_model(exp)
         for method in available_methods(model):
             out = tmp_path / kind / method
-            code = main(
-                [
-                    "decode",
-                    "--exp",
-                    str(exp),
-                    "--manifest",
-                    str(manifest),
-                    "--method",
-                    method,
-                    "--out",
-                    str(out),
-                    "--beam",
-                    "4",
-                    "--no-progress",
-                ]
-            )
+            args = f"decode --exp {exp} --manifest {manifest} --method {method} --out {out}"
+            code = main([*args.split(), "--beam", "4", "--no-progress"])
             assert code == 0
             printed = capsys.readouterr().out
             assert "RTF" in printed and "utterances/s" in printed
@@ -189,19 +175,8 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
             # A 160-step decoder still loops in free running; the other searches must be good.
             assert wer < (1.0 if method == "attention" else 0.3), (kind, method, wer)
     exp, manifest = trained("hybrid")
-    code = main(
-        [
-            "decode",
-            "--exp",
-            str(exp),
-            "--manifest",
-            str(manifest),
-            "--method",
-            "rnnt_beam",
-            "--out",
-            str(tmp_path / "x"),
-        ]
-    )
+    args = f"decode --exp {exp} --manifest {manifest} --method rnnt_beam --out {tmp_path / 'x'}"
+    code = main(args.split())
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err == (

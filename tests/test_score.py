@@ -96,19 +96,14 @@ def test_score_cli(tmp_path, capsys):
     (tmp_path / "hyp.jsonl").write_text(
         json.dumps({"id": "u1", "text": "The cat sat", "tokens": [], "score": 0}) + "\n"
     )
-    assert (
-        main(
-            [
-                "score",
-                "--ref",
-                str(tmp_path / "ref.jsonl"),
-                "--hyp",
-                str(tmp_path / "hyp.jsonl"),
-                "--json",
-            ]
-        )
-        == 0
-    )
+    score_args = [
+        "score",
+        "--ref",
+        str(tmp_path / "ref.jsonl"),
+        "--hyp",
+        str(tmp_path / "hyp.jsonl"),
+    ]
+    assert main([*score_args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"wer", "cer", "sub", "del", "ins", "n_ref_words"} <= set(result)
     assert (result["sub"], result["del"], result["n_ref_words"], result["missing_hypotheses"]) == (
@@ -117,19 +112,7 @@ def test_score_cli(tmp_path, capsys):
         6,
         1,
     )
-    assert (
-        main(
-            [
-                "score",
-                "--ref",
-                str(tmp_path / "ref.jsonl"),
-                "--hyp",
-                str(tmp_path / "hyp.jsonl"),
-                "--lowercase",
-            ]
-        )
-        == 0
-    )
+    assert main([*score_args, "--lowercase"]) == 0
     printed = capsys.readouterr().out
     assert "WER 50.00% (S=0 D=3 I=0 / 6 words)" in printed and "u2: 3 errors" in printed
     alignment = (tmp_path / "alignment.txt").read_text()
