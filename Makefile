@@ -47,9 +47,9 @@ $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/train.jsonl
 demo: setup $(CORPUS)/lang_char/cmvn.json
 	$(ECHOIC) train recipes/synth_en/conf/demo.yaml --exp exp/demo
 	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method attention_rescoring \
-		--out exp/demo/decode_test
+		--lm $(CORPUS)/train.jsonl --out exp/demo/decode_test
 	@echo
-	@echo "Test split, demo model (attention_rescoring):"
+	@echo "Test split, demo model (attention_rescoring with a word LM of the train transcripts):"
 	@$(ECHOIC) score --ref $(CORPUS)/test.jsonl --hyp exp/demo/decode_test/hyp.jsonl --worst 3
 	@echo
 	@echo "Transcribe your own recording (any format, rate or channels):"

@@ -3,9 +3,11 @@
 Prints one JSON line per (method, runtime, threads): rtf (decode seconds / audio
 seconds, model load excluded), wer and cer on the manifest, utterances per second.
 Every method the model's heads allow is run with PyTorch; ctc_greedy also through the
-exported ONNX model and its int8 copy (exported first if missing).
+exported ONNX model and its int8 copy (exported first if missing); with --lm, the
+methods that take a word LM once more with it (runtime "torch+lm").
 
-    python benchmarks/decode.py --exp exp/demo --manifest data/synth_en/test.jsonl
+    python benchmarks/decode.py --exp exp/demo --manifest data/synth_en/test.jsonl \
+        --lm data/synth_en/train.jsonl
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from echoic.decode.export import ONNX_FILE, ONNX_INT8_FILE, export_model, quanti
 from echoic.decode.run import decode_manifest
 from echoic.score import score_files
 
+LM_METHODS = ("ctc_prefix_beam", "attention_rescoring", "rnnt_beam")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,6 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--beam", type=int, default=10)
     parser.add_argument("--methods", help="comma-separated subset (default: all the model has)")
+    parser.add_argument("--lm", help="word LM text or manifest: adds LM rows")
     args = parser.parse_args()
     exp = Path(args.exp)
     model, _, _ = load_experiment_model(exp)
@@ -39,6 +44,8 @@ def main() -> None:
     elif not (export_dir / ONNX_INT8_FILE).is_file():
         quantize_onnx(export_dir / ONNX_FILE)
     runs = [(m, "torch", None) for m in methods]
+    if args.lm:
+        runs += [(m, "torch+lm", None) for m in methods if m in LM_METHODS]
     if "ctc_greedy" in available_methods(model):
         runs += [
             ("ctc_greedy", "onnx", export_dir / ONNX_FILE),
@@ -54,6 +61,7 @@ def main() -> None:
                     DecodeOptions(method, beam=args.beam),
                     threads=threads,
                     runtime="onnx" if onnx_model else "torch",
+                    lm=args.lm if runtime == "torch+lm" else None,
                     onnx_model=onnx_model,
                     num_workers=0,
                     progress=False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -152,6 +153,9 @@ def _decode(args: argparse.Namespace) -> None:
         options,
         hotwords=args.hotwords,
         hotword_boost=args.hotword_boost,
+        lm=args.lm,
+        lm_weight=args.lm_weight,
+        word_bonus=args.word_bonus,
         checkpoint=args.checkpoint,
         average_last=args.average_last,
         max_frames=args.max_frames,
@@ -196,7 +200,7 @@ def _transcribe(args: argparse.Namespace) -> None:
     from echoic.decode.transcribe import transcribe
 
     for path, text in transcribe(
-        args.exp, args.audio, method=args.method, hotwords=args.hotwords, beam=args.beam
+        args.exp, args.audio, method=args.method, hotwords=args.hotwords, lm=args.lm, beam=args.beam
     ):
         print(f"{path}\t{text}" if len(args.audio) > 1 else text)
 
@@ -387,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--hotwords", help="file: one phrase per line, optional TAB boost")
     decode.add_argument("--hotword-boost", type=float, default=None, help="default boost per token")
     decode.add_argument(
+        "--lm", help="word LM (character models): a text file or manifest whose sentences it learns"
+    )
+    decode.add_argument("--lm-weight", type=float, help="with --lm (default 0.4)")
+    decode.add_argument("--word-bonus", type=float, help="with --lm: score per word (default 2.5)")
+    decode.add_argument(
         "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
     )
     decode.add_argument("--average-last", type=int, help="average the last K checkpoints")
@@ -428,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("audio", nargs="+", help="audio files")
     transcribe.add_argument("--method", help="decoding method (default: the best the model has)")
     transcribe.add_argument("--hotwords", help="hotword file")
+    transcribe.add_argument("--lm", help="word LM text or manifest (character models)")
     transcribe.add_argument("--beam", type=int, default=10)
     transcribe.set_defaults(run=_transcribe)
 
@@ -476,4 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("echoic: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`echoic score ... | head`): not an error worth a traceback.
+        # Point stdout at /dev/null so that flushing it at exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code or 0

@@ -202,7 +202,8 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
     )
     assert (
         code == 2
-        and "hotwords work with ctc_prefix_beam, attention_rescoring" in capsys.readouterr().err
+        and "hotwords and --lm work with ctc_prefix_beam, attention_rescoring"
+        in capsys.readouterr().err
     )
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from echoic.data.dataset import Batch
 from echoic.data.tokenizer import Tokenizer, load_tokenizer
-from echoic.decode.context import ContextGraph
+from echoic.decode.context import ContextGraph, read_hotwords
+from echoic.decode.lm import LM_WEIGHT, WORD_BONUS, ScorerSum, WordLM
 from echoic.decode.search import (
     Hypothesis,
     attention_beam,
@@ -40,9 +41,9 @@ class DecodeOptions:
     reverse_weight: float = 0.0  # attention_rescoring: weight of the right-to-left decoder
     length_penalty: float = 1.0  # attention: finished score / length ** length_penalty
     max_symbols_per_frame: int = 3  # rnnt_greedy / rnnt_beam
-    context: ContextGraph | None = (
-        None  # hotword biasing (ctc_prefix_beam, attention_rescoring, rnnt_beam)
-    )
+    # Prefix scorer: hotword graph and/or word LM (ctc_prefix_beam, attention_rescoring,
+    # rnnt_beam); anything with initial_state(), step(state, token), finish(state).
+    context: ContextGraph | WordLM | ScorerSum | None = None
 
 
 def _ctc_greedy(model, encoded, lens, options):
@@ -130,9 +131,36 @@ def check_options(model: AsrModel, options: DecodeOptions) -> None:
         )
     if options.context is not None and not METHODS[options.method][2]:
         biased = [m for m in valid if METHODS[m][2]]
-        raise EchoicError(f"hotwords work with {', '.join(biased)}, not with {options.method}")
+        raise EchoicError(
+            f"hotwords and --lm work with {', '.join(biased)}, not with {options.method}"
+        )
     if options.beam < 1:
         raise EchoicError("--beam must be at least 1")
+
+
+def build_scorer(
+    tokenizer: Tokenizer,
+    *,
+    hotwords: str | Path | None = None,
+    hotword_boost: float | None = None,
+    lm: str | Path | None = None,
+    lm_weight: float | None = None,
+    word_bonus: float | None = None,
+) -> ContextGraph | WordLM | ScorerSum | None:
+    """The prefix scorer for `DecodeOptions.context`: a hotword graph from a hotword
+    file, a word LM from a text or manifest (weights default to the tuned ones), both,
+    or None."""
+    scorers: list = []
+    if hotwords is not None:
+        kwargs = {"default_boost": hotword_boost} if hotword_boost is not None else {}
+        scorers.append(ContextGraph.build(read_hotwords(hotwords, **kwargs), tokenizer))
+    if lm is not None:
+        weight = LM_WEIGHT if lm_weight is None else lm_weight
+        bonus = WORD_BONUS if word_bonus is None else word_bonus
+        scorers.append(WordLM.from_file(lm, tokenizer, weight=weight, word_bonus=bonus))
+    if not scorers:
+        return None
+    return scorers[0] if len(scorers) == 1 else ScorerSum(scorers)
 
 
 @torch.no_grad()

@@ -17,8 +17,13 @@ from tqdm import tqdm
 
 from echoic.data.dataset import build_loader
 from echoic.data.manifest import read_manifest
-from echoic.decode.context import ContextGraph, read_hotwords
-from echoic.decode.decoder import DecodeOptions, check_options, decode_batch, load_experiment_model
+from echoic.decode.decoder import (
+    DecodeOptions,
+    build_scorer,
+    check_options,
+    decode_batch,
+    load_experiment_model,
+)
 from echoic.decode.export import ONNX_FILE, OnnxCtc
 from echoic.decode.search import ctc_greedy, ctc_prefix_beam
 from echoic.errors import EchoicError
@@ -36,6 +41,9 @@ def decode_manifest(
     *,
     hotwords: str | Path | None = None,
     hotword_boost: float | None = None,
+    lm: str | Path | None = None,
+    lm_weight: float | None = None,
+    word_bonus: float | None = None,
     checkpoint: str | None = None,
     average_last: int | None = None,
     max_frames: int = 20000,
@@ -54,11 +62,16 @@ def decode_manifest(
     model, tokenizer, config = load_experiment_model(
         exp_dir, checkpoint=checkpoint, average_last=average_last
     )
-    if hotwords is not None:
-        kwargs = {"default_boost": hotword_boost} if hotword_boost is not None else {}
-        options = replace(
-            options, context=ContextGraph.build(read_hotwords(hotwords, **kwargs), tokenizer)
-        )
+    scorer = build_scorer(
+        tokenizer,
+        hotwords=hotwords,
+        hotword_boost=hotword_boost,
+        lm=lm,
+        lm_weight=lm_weight,
+        word_bonus=word_bonus,
+    )
+    if scorer is not None:
+        options = replace(options, context=scorer)
     check_options(model, options)
     session = None
     if runtime == "onnx":

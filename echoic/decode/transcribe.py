@@ -15,9 +15,9 @@ import torch
 from echoic.data.audio import load_audio
 from echoic.data.dataset import Batch
 from echoic.data.features import compute_fbank
-from echoic.decode.context import ContextGraph, read_hotwords
 from echoic.decode.decoder import (
     DecodeOptions,
+    build_scorer,
     check_options,
     decode_batch,
     default_method,
@@ -32,14 +32,16 @@ def transcribe(
     *,
     method: str | None = None,
     hotwords: str | None = None,
+    lm: str | None = None,
     beam: int = 10,
     checkpoint: str | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(path, text) for each file, in order. An unreadable file is a one-line error."""
     model, tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
     options = DecodeOptions(method=method or default_method(model), beam=beam)
-    if hotwords:
-        options = replace(options, context=ContextGraph.build(read_hotwords(hotwords), tokenizer))
+    scorer = build_scorer(tokenizer, hotwords=hotwords, lm=lm)
+    if scorer is not None:
+        options = replace(options, context=scorer)
     check_options(model, options)
     spec = model.input_spec
     if spec.kind != "fbank":

@@ -1,0 +1,120 @@
+"""The word LM for character searches: exact scores, OOV handling, a misspelling
+pulled back to a word, combination with hotwords, the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from echoic.cli import main
+from echoic.data.tokenizer import CharTokenizer
+from echoic.decode.context import ContextGraph, Hotword
+from echoic.decode.lm import WordLM, read_lm_text
+from echoic.decode.search import ctc_prefix_beam
+from echoic.errors import EchoicError
+
+SENTENCES = ["the cat sat", "the cat ran", "a dog sat", "the dog ran home"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CharTokenizer.train([*SENTENCES, "kit"])  # "k" is spellable but not in the LM
+
+
+def _walk(scorer, tokens: list[int]) -> float:
+    state, total = scorer.initial_state(), 0.0
+    for token in tokens:
+        change, state = scorer.step(state, token)
+        total += change
+    return total + scorer.finish(state)
+
+
+def test_a_sentence_scores_its_bigrams_and_word_bonuses(tokenizer):
+    lm = WordLM(SENTENCES, tokenizer, weight=0.7, word_bonus=1.5)
+    ids = {w: i for i, w in enumerate(lm.words)}
+    expected = 0.7 * (
+        lm.log_prob(ids["the"], 0)
+        + lm.log_prob(ids["cat"], ids["the"])
+        + lm.log_prob(ids["sat"], ids["cat"])
+        + lm.log_prob(-2, ids["sat"])
+    )
+    # Look-ahead scores along the way telescope to exactly the sentence's score.
+    assert _walk(lm, tokenizer.encode("the cat sat")) == pytest.approx(expected + 3 * 1.5)
+
+
+def test_bigram_probabilities_sum_to_one(tokenizer):
+    lm = WordLM(SENTENCES, tokenizer)
+    for history in range(len(lm.words)):
+        total = sum(math.exp(lm.log_prob(w, history)) for w in [*range(1, len(lm.words)), -2])
+        assert total == pytest.approx(1.0)
+
+
+def test_a_word_outside_the_lexicon_pays_the_penalty_once(tokenizer):
+    lm = WordLM(SENTENCES, tokenizer, weight=0.5, word_bonus=0.0, oov_penalty=-7.0)
+    ids = {w: i for i, w in enumerate(lm.words)}
+    # "kit" leaves the lexicon at "k"; "cats" leaves it after a complete word.
+    for sentence in ("the kit", "the cats"):
+        expected = 0.5 * (lm.log_prob(ids["the"], 0) + lm.log_prob(-2, 0)) - 7.0
+        assert _walk(lm, tokenizer.encode(sentence)) == pytest.approx(expected), sentence
+
+
+def test_the_lm_pulls_a_misspelling_back_to_a_word(tokenizer):
+    # Frames spell "the ?at" with "k" a little more likely than "c" at the fourth letter.
+    spelled = tokenizer.encode("the cat")
+    k = tokenizer.tokens.index("k")
+    rows = []
+    for token in spelled:
+        row = torch.full((tokenizer.vocab_size,), -8.0)
+        row[token] = -0.05
+        if token == tokenizer.tokens.index("c"):
+            row[token], row[k] = -0.9, -0.6
+        rows.append(row)
+        rows.append(torch.full((tokenizer.vocab_size,), -8.0).index_fill(0, torch.tensor([0]), 0.0))
+    log_probs = torch.stack(rows).log_softmax(-1)
+    plain = ctc_prefix_beam(log_probs, beam=5)
+    assert tokenizer.decode(plain[0].tokens) == "the kat"
+    lm = WordLM(SENTENCES, tokenizer)
+    assert tokenizer.decode(ctc_prefix_beam(log_probs, beam=5, context=lm)[0].tokens) == "the cat"
+
+
+def test_hotwords_and_lm_together_add_up(tokenizer):
+    from echoic.decode.lm import ScorerSum
+
+    lm = WordLM(SENTENCES, tokenizer)
+    graph = ContextGraph.build([Hotword("kit", 3.0)], tokenizer)
+    both = ScorerSum([graph, lm])
+    tokens = tokenizer.encode("the kit sat")
+    assert _walk(both, tokens) == pytest.approx(_walk(graph, tokens) + _walk(lm, tokens))
+
+
+def test_unusable_tokenizers_and_files_are_one_line_errors(tmp_path):
+    chinese = CharTokenizer.train(["你好世界"])
+    with pytest.raises(EchoicError, match="character tokenizer with spaces"):
+        WordLM(["你好"], chinese)
+    with pytest.raises(EchoicError, match="LM text not found"):
+        read_lm_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(EchoicError, match="no words"):
+        WordLM.from_file(tmp_path / "empty.txt", CharTokenizer.train(["a b"]))
+
+
+@pytest.mark.slow
+def test_decode_cli_with_lm_and_hotwords(trained, tmp_path, capsys):
+    exp, manifest = trained("hybrid")
+    hotwords = tmp_path / "hotwords.txt"
+    hotwords.write_text("mister\n")
+    for method in ("ctc_prefix_beam", "attention_rescoring"):
+        out = tmp_path / method
+        args = f"decode --exp {exp} --manifest {manifest} --method {method} --out {out}"
+        code = main([*args.split(), "--lm", str(manifest), "--hotwords", str(hotwords)])
+        assert code == 0
+        capsys.readouterr()
+        assert (
+            main(["score", "--ref", str(manifest), "--hyp", str(out / "hyp.jsonl"), "--json"]) == 0
+        )
+        # The LM learnt these very sentences: decoding them must stay (near) perfect.
+        assert json.loads(capsys.readouterr().out)["wer"] < 0.1, method
+    args = f"decode --exp {exp} --manifest {manifest} --method ctc_greedy --out {tmp_path / 'g'}"
+    assert main([*args.split(), "--lm", str(manifest)]) == 2
+    assert "work with" in capsys.readouterr().err
