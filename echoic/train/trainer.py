@@ -262,6 +262,9 @@ class Trainer:
             self.best = [list(b) for b in state["best"]]
             self.tracker.load_state_dict(state["tracker"])
             _set_rng_state(state["rng"])
+            # The checkpoint just loaded holds this state: a run resumed after its end
+            # must not write it again.
+            self._last_saved = (self.step, self.epoch, self.batch_index)
         self.metrics_log = MetricsLog(
             self.exp_dir,
             enabled=rt.is_main,
