@@ -185,21 +185,8 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
     )
     hotwords = tmp_path / "hotwords.txt"
     hotwords.write_text("the\n")
-    code = main(
-        [
-            "decode",
-            "--exp",
-            str(exp),
-            "--manifest",
-            str(manifest),
-            "--method",
-            "ctc_greedy",
-            "--hotwords",
-            str(hotwords),
-            "--out",
-            str(tmp_path / "y"),
-        ]
-    )
+    args = f"decode --exp {exp} --manifest {manifest} --method ctc_greedy --out {tmp_path / 'y'}"
+    code = main([*args.split(), "--hotwords", str(hotwords)])
     assert (
         code == 2
         and "hotwords and --lm work with ctc_prefix_beam, attention_rescoring"
@@ -214,28 +201,15 @@ def test_onnx_and_torchscript_export_match_pytorch(trained, tmp_path, capsys):
     assert (exp / "export" / "model.onnx").is_file() and (
         exp / "export" / "model.int8.onnx"
     ).is_file()
-    outputs = {}
-    for runtime in ("torch", "onnx"):
-        out = tmp_path / runtime
-        args = [
-            "decode",
-            "--exp",
-            str(exp),
-            "--manifest",
-            str(manifest),
-            "--method",
-            "ctc_greedy",
-            "--out",
-            str(out),
-            "--runtime",
-            runtime,
-            "--no-progress",
-        ]
-        assert main(args) == 0
-        outputs[runtime] = [
-            json.loads(line)["tokens"] for line in (out / "hyp.jsonl").read_text().splitlines()
-        ]
-    assert outputs["torch"] == outputs["onnx"]
+    for method in ("ctc_greedy", "ctc_prefix_beam"):
+        outputs = {}
+        for runtime in ("torch", "onnx"):
+            out = tmp_path / method / runtime
+            args = f"decode --exp {exp} --manifest {manifest} --method {method} --out {out}"
+            assert main([*args.split(), "--runtime", runtime, "--no-progress"]) == 0
+            lines = (out / "hyp.jsonl").read_text().splitlines()
+            outputs[runtime] = [json.loads(line)["tokens"] for line in lines]
+        assert outputs["torch"] == outputs["onnx"], method
     assert (
         main(
             ["export", "--exp", str(exp), "--format", "torchscript", "--out", str(tmp_path / "ts")]

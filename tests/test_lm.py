@@ -10,7 +10,7 @@ import torch
 from echoic.cli import main
 from echoic.data.tokenizer import CharTokenizer
 from echoic.decode.context import ContextGraph, Hotword
-from echoic.decode.lm import WordLM, read_lm_text
+from echoic.decode.lm import END, WordLM, read_lm_text
 from echoic.decode.search import ctc_prefix_beam
 from echoic.errors import EchoicError
 
@@ -37,7 +37,7 @@ def test_a_sentence_scores_its_bigrams_and_word_bonuses(tokenizer):
         lm.log_prob(ids["the"], 0)
         + lm.log_prob(ids["cat"], ids["the"])
         + lm.log_prob(ids["sat"], ids["cat"])
-        + lm.log_prob(-2, ids["sat"])
+        + lm.log_prob(END, ids["sat"])
     )
     # Look-ahead scores along the way telescope to exactly the sentence's score.
     assert _walk(lm, tokenizer.encode("the cat sat")) == pytest.approx(expected + 3 * 1.5)
@@ -46,7 +46,7 @@ def test_a_sentence_scores_its_bigrams_and_word_bonuses(tokenizer):
 def test_bigram_probabilities_sum_to_one(tokenizer):
     lm = WordLM(SENTENCES, tokenizer)
     for history in range(len(lm.words)):
-        total = sum(math.exp(lm.log_prob(w, history)) for w in [*range(1, len(lm.words)), -2])
+        total = sum(math.exp(lm.log_prob(w, history)) for w in [*range(1, len(lm.words)), END])
         assert total == pytest.approx(1.0)
 
 
@@ -55,7 +55,7 @@ def test_a_word_outside_the_lexicon_pays_the_penalty_once(tokenizer):
     ids = {w: i for i, w in enumerate(lm.words)}
     # "kit" leaves the lexicon at "k"; "cats" leaves it after a complete word.
     for sentence in ("the kit", "the cats"):
-        expected = 0.5 * (lm.log_prob(ids["the"], 0) + lm.log_prob(-2, 0)) - 7.0
+        expected = 0.5 * (lm.log_prob(ids["the"], 0) + lm.log_prob(END, 0)) - 7.0
         assert _walk(lm, tokenizer.encode(sentence)) == pytest.approx(expected), sentence
 
 

@@ -77,8 +77,11 @@ def echoic(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def start_paused(config: Path, exp: Path, where: str, *extra: str) -> subprocess.Popen:
-    """Start training that stops at `where` (see PausePoint) and wait until it is there."""
+def start_paused(
+    config: Path, exp: Path, where: str, *extra: str, new_session: bool = False
+) -> subprocess.Popen:
+    """Start training that stops at `where` (see PausePoint) and wait until it is there.
+    `new_session`: in a process group of its own, so a test can signal the whole group."""
     command = [
         sys.executable,
         "-m",
@@ -96,6 +99,7 @@ def start_paused(config: Path, exp: Path, where: str, *extra: str) -> subprocess
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
     deadline = time.time() + 180
     while not (exp / "paused").exists():
@@ -406,26 +410,7 @@ def test_sigterm_to_the_whole_process_group_still_saves(tmp_path, corpus, lang):
     # timeout(1) and batch schedulers signal every process of the group, data workers too.
     config = write_config(tmp_path, corpus, lang, data={"num_workers": 2})
     exp = tmp_path / "exp"
-    command = [
-        sys.executable,
-        "-m",
-        "echoic",
-        "train",
-        str(config),
-        "--exp",
-        str(exp),
-        "--no-progress",
-    ]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, "ECHOIC_PAUSE_AT": "5:1"},
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 180
-    while not (exp / "paused").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
+    process = start_paused(config, exp, "5:1", new_session=True)
     os.killpg(process.pid, signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]

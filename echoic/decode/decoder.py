@@ -46,16 +46,19 @@ class DecodeOptions:
     context: ContextGraph | WordLM | ScorerSum | None = None
 
 
+def _prefix_beam_nbests(log_probs, lens, options):
+    return [
+        ctc_prefix_beam(log_probs[b, :n], options.beam, options.context)
+        for b, n in enumerate(lens.tolist())
+    ]
+
+
 def _ctc_greedy(model, encoded, lens, options):
     return ctc_greedy(model.ctc.log_probs(encoded), lens)
 
 
 def _ctc_prefix_beam(model, encoded, lens, options):
-    log_probs = model.ctc.log_probs(encoded)
-    return [
-        ctc_prefix_beam(log_probs[b, :n], options.beam, options.context)
-        for b, n in enumerate(lens.tolist())
-    ]
+    return _prefix_beam_nbests(model.ctc.log_probs(encoded), lens, options)
 
 
 def _attention(model, encoded, lens, options):
@@ -168,7 +171,20 @@ def decode_batch(model: AsrModel, batch: Batch, options: DecodeOptions) -> list[
     """The best hypothesis of every utterance in the batch."""
     encoded, lens = model.encode(batch)
     _, search, _ = METHODS[options.method]
-    nbests = search(model, encoded, lens, options)
+    return _best(search(model, encoded, lens, options))
+
+
+def decode_ctc_log_probs(
+    log_probs: torch.Tensor, lens: torch.Tensor, options: DecodeOptions
+) -> list[Hypothesis]:
+    """The best hypothesis of every utterance from CTC log-probabilities (B, T, V) made
+    elsewhere (the exported model in onnxruntime), with ctc_greedy or ctc_prefix_beam."""
+    if options.method == "ctc_greedy":
+        return _best(ctc_greedy(log_probs, lens))
+    return _best(_prefix_beam_nbests(log_probs, lens, options))
+
+
+def _best(nbests: list[list[Hypothesis]]) -> list[Hypothesis]:
     return [nbest[0] if nbest else Hypothesis((), float("-inf")) for nbest in nbests]
 
 

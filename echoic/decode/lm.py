@@ -38,6 +38,7 @@ DISCOUNT = 0.75
 LM_WEIGHT = 0.4
 WORD_BONUS = 2.5
 OOV = -1  # node id of "spelling outside the lexicon until the next boundary"
+END = -2  # word id of </s> in the counts and in log_prob
 
 
 @dataclass
@@ -80,7 +81,6 @@ class WordLM:
         index: dict[str, int] = {}
         unigrams: Counter[int] = Counter()
         bigrams: Counter[tuple[int, int]] = Counter()
-        end = -2  # </s> in the counts
         for sentence in sentences:
             previous = 0
             for word in sentence.split():
@@ -90,8 +90,8 @@ class WordLM:
                 unigrams[index[word]] += 1
                 bigrams[previous, index[word]] += 1
                 previous = index[word]
-            unigrams[end] += 1
-            bigrams[previous, end] += 1
+            unigrams[END] += 1
+            bigrams[previous, END] += 1
         if len(self.words) == 1:
             raise EchoicError("the LM text has no words")
         total = sum(unigrams.values())
@@ -102,7 +102,6 @@ class WordLM:
         for (previous, _), count in bigrams.items():
             self._history_counts[previous] += count
             self._followers[previous] += 1
-        self._end = end
         self.nodes = [_Node()]
         for word_id, word in enumerate(self.words[1:], start=1):
             tokens = tokenizer.encode(word)
@@ -126,7 +125,7 @@ class WordLM:
         return cls(read_lm_text(path), tokenizer, **kwargs)
 
     def log_prob(self, word: int, previous: int) -> float:
-        """log P(word | previous); word -2 is </s>, previous 0 is <s> (or an OOV word)."""
+        """log P(word | previous); word END is </s>, previous 0 is <s> (or an OOV word)."""
         unigram = self._unigram.get(word, 0.0)
         seen = self._history_counts.get(previous, 0)
         if not seen:
@@ -166,7 +165,7 @@ class WordLM:
 
     def finish(self, state: tuple[int, int]) -> float:
         change, word = self._leave(*state)
-        return change + self.weight * self.log_prob(self._end, word)
+        return change + self.weight * self.log_prob(END, word)
 
 
 class ScorerSum:

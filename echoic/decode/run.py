@@ -22,10 +22,10 @@ from echoic.decode.decoder import (
     build_scorer,
     check_options,
     decode_batch,
+    decode_ctc_log_probs,
     load_experiment_model,
 )
 from echoic.decode.export import ONNX_FILE, OnnxCtc
-from echoic.decode.search import ctc_greedy, ctc_prefix_beam
 from echoic.errors import EchoicError
 
 ONNX_METHODS = ("ctc_greedy", "ctc_prefix_beam")  # what runs on the exported CTC log-probabilities
@@ -70,7 +70,7 @@ def decode_manifest(
         lm_weight=lm_weight,
         word_bonus=word_bonus,
     )
-    if scorer is not None:
+    if scorer is not None:  # else keep whatever context the caller's options carry
         options = replace(options, context=scorer)
     check_options(model, options)
     session = None
@@ -105,7 +105,7 @@ def decode_manifest(
             best = (
                 decode_batch(model, batch, options)
                 if session is None
-                else _onnx_batch(session, batch, options)
+                else decode_ctc_log_probs(*session(batch.feats, batch.feat_lens), options)
             )
             compute_seconds += time.perf_counter() - start
             audio_seconds += sum(batch.durations)
@@ -138,13 +138,3 @@ def decode_manifest(
     }
     (out_dir / "decode.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def _onnx_batch(session: OnnxCtc, batch, options: DecodeOptions):
-    log_probs, lens = session(batch.feats, batch.feat_lens)
-    if options.method == "ctc_greedy":
-        return [nbest[0] for nbest in ctc_greedy(log_probs, lens)]
-    return [
-        ctc_prefix_beam(log_probs[b, :n], options.beam, options.context)[0]
-        for b, n in enumerate(lens.tolist())
-    ]

@@ -39,9 +39,7 @@ def transcribe(
     """(path, text) for each file, in order. An unreadable file is a one-line error."""
     model, tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
     options = DecodeOptions(method=method or default_method(model), beam=beam)
-    scorer = build_scorer(tokenizer, hotwords=hotwords, lm=lm)
-    if scorer is not None:
-        options = replace(options, context=scorer)
+    options = replace(options, context=build_scorer(tokenizer, hotwords=hotwords, lm=lm))
     check_options(model, options)
     spec = model.input_spec
     if spec.kind != "fbank":

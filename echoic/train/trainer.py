@@ -308,17 +308,22 @@ class Trainer:
             "buffers": buffers,
         }
 
-    def _loop(self) -> int:
-        train, rt = self.config.train, self.runtime
-        self.started = time.perf_counter()
-        self.last_save = time.perf_counter()
-        self._window = {
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        """The accumulation window of the optimizer step about to be taken."""
+        return {
             "weight": 0.0,
             "frames": 0,
             "failed": False,
             "micro": 0,
             "start": time.perf_counter(),
         }
+
+    def _loop(self) -> int:
+        train, rt = self.config.train, self.runtime
+        self.started = time.perf_counter()
+        self.last_save = time.perf_counter()
+        self._window = self._new_window()
         self._log_window = {"frames": 0, "start": time.perf_counter()}
         self._checked_contract = False
         bar = tqdm(
@@ -535,13 +540,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_grad_norm = grad_norm
-        self._window = {
-            "weight": 0.0,
-            "frames": 0,
-            "failed": False,
-            "micro": 0,
-            "start": time.perf_counter(),
-        }
+        self._window = self._new_window()
 
     def _after_step(self, end_of_epoch: bool) -> None:
         train, rt = self.config.train, self.runtime
