@@ -2,28 +2,42 @@
 
 Prints one JSON line per (method, runtime, threads): rtf (decode seconds / audio
 seconds, model load excluded), wer and cer on the manifest, utterances per second.
-Every method the model's heads allow is run with PyTorch; ctc_greedy also through the
-exported ONNX model and its int8 copy (exported first if missing); with --lm, the
-methods that take a word LM once more with it (runtime "torch+lm").
+Every method the model's heads allow (or --methods) is run with PyTorch; ctc_greedy also
+through the exported ONNX model and its int8 copy (exported first if missing); with --lm, the
+methods that take a word LM once more with it (runtime "torch+lm"). With --hotwords,
+the methods that take hotwords decode --hotword-manifest without and with them (on
+the first thread count only; runtime "...+hotwords"), and their lines add hotword
+recall, precision, B-WER and U-WER.
 
     python benchmarks/decode.py --exp exp/demo --manifest data/synth_en/test.jsonl \
-        --lm data/synth_en/train.jsonl
+        --lm data/synth_en/train.jsonl --hotwords data/synth_en/hotwords.txt
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
-from echoic.decode.decoder import DecodeOptions, available_methods, load_experiment_model
+from echoic.decode.context import read_hotwords
+from echoic.decode.decoder import (
+    METHODS,
+    DecodeOptions,
+    available_methods,
+    load_experiment_model,
+)
 from echoic.decode.export import ONNX_FILE, ONNX_INT8_FILE, export_model, quantize_onnx
 from echoic.decode.run import decode_manifest
 from echoic.score import score_files
 
-LM_METHODS = ("ctc_prefix_beam", "attention_rescoring", "rnnt_beam")
+
+def _biased(method: str) -> bool:
+    """Whether the method takes a prefix scorer (hotwords, word LM)."""
+    return METHODS[method][2]
 
 
 def main() -> None:
@@ -34,57 +48,83 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=10)
     parser.add_argument("--methods", help="comma-separated subset (default: all the model has)")
     parser.add_argument("--lm", help="word LM text or manifest: adds LM rows")
+    parser.add_argument("--hotwords", help="hotword file: adds hotword rows")
+    parser.add_argument("--hotword-manifest", default="data/synth_en/hotword_test.jsonl")
     args = parser.parse_args()
     exp = Path(args.exp)
     model, _, _ = load_experiment_model(exp)
     methods = args.methods.split(",") if args.methods else available_methods(model)
-    export_dir = exp / "export"
-    if not (export_dir / ONNX_FILE).is_file():
-        quantize_onnx(export_model(model, export_dir, "onnx"))
-    elif not (export_dir / ONNX_INT8_FILE).is_file():
-        quantize_onnx(export_dir / ONNX_FILE)
-    runs = [(m, "torch", None) for m in methods]
+    # (method, runtime label, manifest, LM, hotword file, ONNX model)
+    runs = [(m, "torch", args.manifest, None, None, None) for m in methods]
     if args.lm:
-        runs += [(m, "torch+lm", None) for m in methods if m in LM_METHODS]
-    if "ctc_greedy" in available_methods(model):
+        runs += [(m, "torch+lm", args.manifest, args.lm, None, None) for m in methods if _biased(m)]
+    if "ctc_greedy" in methods:
+        export_dir = exp / "export"
+        # torch.onnx reports its progress on stdout, which is for the JSON lines.
+        with contextlib.redirect_stdout(sys.stderr):
+            if not (export_dir / ONNX_FILE).is_file():
+                quantize_onnx(export_model(model, export_dir, "onnx"))
+            elif not (export_dir / ONNX_INT8_FILE).is_file():
+                quantize_onnx(export_dir / ONNX_FILE)
         runs += [
-            ("ctc_greedy", "onnx", export_dir / ONNX_FILE),
-            ("ctc_greedy", "onnx-int8", export_dir / ONNX_INT8_FILE),
+            ("ctc_greedy", "onnx", args.manifest, None, None, export_dir / ONNX_FILE),
+            ("ctc_greedy", "onnx-int8", args.manifest, None, None, export_dir / ONNX_INT8_FILE),
         ]
-    for threads in (int(t) for t in args.threads.split(",")):
-        for method, runtime, onnx_model in runs:
+    hotword_runs = []
+    if args.hotwords:
+        for lm, label in [(None, "torch"), *([(args.lm, "torch+lm")] if args.lm else [])]:
+            for method in filter(_biased, methods):
+                for hotwords in (None, args.hotwords):
+                    runtime = label + ("+hotwords" if hotwords else "")
+                    hotword_runs.append(
+                        (method, runtime, args.hotword_manifest, lm, hotwords, None)
+                    )
+    phrases = [h.phrase for h in read_hotwords(args.hotwords)] if args.hotwords else None
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    for threads in thread_counts:
+        todo = runs + (hotword_runs if threads == thread_counts[0] else [])
+        for method, runtime, manifest, lm, hotwords, onnx_model in todo:
             with tempfile.TemporaryDirectory() as out:
                 summary = decode_manifest(
                     exp,
-                    args.manifest,
+                    manifest,
                     out,
                     DecodeOptions(method, beam=args.beam),
                     threads=threads,
                     runtime="onnx" if onnx_model else "torch",
-                    lm=args.lm if runtime == "torch+lm" else None,
+                    lm=lm,
+                    hotwords=hotwords,
                     onnx_model=onnx_model,
                     num_workers=0,
                     progress=False,
                 )
-                report = score_files(args.manifest, Path(out) / "hyp.jsonl")
-            print(
-                json.dumps(
+                is_hotword_run = manifest == args.hotword_manifest and phrases is not None
+                report = score_files(
+                    manifest, Path(out) / "hyp.jsonl", hotwords=phrases if is_hotword_run else None
+                )
+            row = {
+                "method": method,
+                "runtime": runtime,
+                "threads": threads,
+                "rtf": round(summary["rtf"], 5),
+                "wer": round(report.words.rate, 4),
+                "cer": round(report.chars.rate, 4),
+                "utts_per_s": round(summary["utts_per_s"], 2),
+                "utterances": summary["utterances"],
+                "manifest": str(manifest),
+                "beam": args.beam,
+                "exp": str(exp),
+                "machine": platform.machine(),
+            }
+            if report.hotwords:
+                row.update(
                     {
-                        "method": method,
-                        "runtime": runtime,
-                        "threads": threads,
-                        "rtf": round(summary["rtf"], 5),
-                        "wer": round(report.words.rate, 4),
-                        "cer": round(report.chars.rate, 4),
-                        "utts_per_s": round(summary["utts_per_s"], 2),
-                        "utterances": summary["utterances"],
-                        "beam": args.beam,
-                        "exp": str(exp),
-                        "machine": platform.machine(),
+                        f"hotword_{k}": None if v is None else round(v, 4)
+                        for k, v in report.hotwords.items()
+                        if k in ("recall", "precision", "b_wer", "u_wer")
                     }
-                ),
-                flush=True,
-            )
+                )
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
