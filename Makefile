@@ -38,7 +38,7 @@ CORPUS := $(DATA)/synth_en
 # File targets: a rerun skips what is done, and training resumes where it stopped
 # (Ctrl-C saves a checkpoint first).
 $(CORPUS)/train.jsonl: | python system
-	$(ECHOIC) synth --out $(CORPUS) --num-utts 2000 --hotword-test --jobs $(JOBS)
+	$(ECHOIC) synth --out $(CORPUS) --num-utts 10000 --hotword-test --jobs $(JOBS)
 
 $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/train.jsonl
 	$(ECHOIC) prepare --manifest $(CORPUS)/train.jsonl --tokenizer char --out $(CORPUS)/lang_char \

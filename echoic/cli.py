@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lm", help="word LM (character models): a text file or manifest whose sentences it learns"
     )
     decode.add_argument("--lm-weight", type=float, help="with --lm (default 0.4)")
-    decode.add_argument("--word-bonus", type=float, help="with --lm: score per word (default 2.5)")
+    decode.add_argument("--word-bonus", type=float, help="with --lm: score per word (default 1.5)")
     decode.add_argument(
         "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
     )

@@ -110,6 +110,8 @@ def trained(corpus, lang, tmp_path_factory):
                     "spec_augment": None,
                     "speed_perturb": [1.0],
                     "num_workers": 0,
+                    # Exact, so the models are the uncached ones; decode must accept it.
+                    "feature_cache": True,
                 },
                 "model": {"encoder": encoder, **heads[kind]},
                 "optim": {"lr": 0.005, "scheduler": "constant", "warmup_steps": 0},

@@ -7,7 +7,7 @@ import torch
 from conftest import write_sine
 
 from echoic.data.dataset import IGNORE_ID, AsrDataset, BatchLoader, DataConfig, build_loader
-from echoic.data.features import InputSpec
+from echoic.data.features import FbankConfig, InputSpec
 from echoic.data.manifest import Utterance, read_manifest, write_manifest
 from echoic.data.tokenizer import CharTokenizer
 from echoic.errors import ManifestError
@@ -79,6 +79,39 @@ def test_augmentation_changes_with_epoch_but_not_with_order(corpus):
     other = _setup(corpus, max_frames=1500)
     again = {i: f[:n] for b in other for i, f, n in zip(b.ids, b.feats, b.feat_lens)}
     assert all(torch.equal(again[i], epoch0[i]) for i in epoch0)
+
+
+def test_feature_cache_gives_the_uncached_batches_and_skips_fbank_later(
+    corpus, monkeypatch, caplog
+):
+    import echoic.data.dataset as dataset_module
+
+    calls = []
+    real = dataset_module.compute_fbank
+    monkeypatch.setattr(dataset_module, "compute_fbank", lambda *a: calls.append(1) or real(*a))
+    plain, cached = _setup(corpus), _setup(corpus, feature_cache=True)
+    for epoch in range(3):  # speed factors differ per epoch, so the cache keeps growing
+        plain.sampler.set_position(epoch)
+        cached.sampler.set_position(epoch)
+        expected = list(plain)
+        calls.clear()
+        with caplog.at_level(logging.INFO):
+            _assert_same(list(cached), expected)
+        assert len(calls) < sum(b.size for b in expected) or epoch == 0
+    cached.sampler.set_position(0)  # every (utterance, speed) of epoch 0 is cached now
+    calls.clear()
+    assert len(list(cached)) == len(expected) and not calls
+    assert len(cached.dataset.cache) <= 3 * len(cached.dataset.manifest)
+    assert "feature cache" in caplog.text and cached.dataset.cache_bytes > 0
+
+
+def test_feature_cache_needs_no_workers_and_no_dither(corpus):
+    with pytest.raises(ValueError, match="num_workers 0"):
+        _config(feature_cache=True, num_workers=2)
+    manifest = read_manifest(corpus / "train.jsonl")
+    dithered = InputSpec("fbank", 16000, FbankConfig(dither=1.0))
+    with pytest.raises(ValueError, match="dither"):
+        AsrDataset(manifest, None, _config(feature_cache=True), input_spec=dithered)
 
 
 def test_batch_layout_and_padding_report(corpus, caplog):

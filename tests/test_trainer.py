@@ -227,6 +227,21 @@ def test_config_errors_are_one_line(tmp_path, corpus, lang):
             and message in done.stderr
             and len(done.stderr.strip().splitlines()) == 1
         )
+    for overrides, message in [
+        (["data.feature_cache=true", "data.num_workers=2"], "set num_workers 0 with it"),
+        (
+            [
+                "data.feature_cache=true",
+                "data.num_workers=0",
+                "model.frontend.fbank.fbank.dither=1",
+            ],
+            "data.feature_cache needs model.frontend.fbank.fbank.dither 0",
+        ),
+    ]:
+        sets = [arg for override in overrides for arg in ("--set", override)]
+        done = echoic("train", str(good), "--exp", str(tmp_path / "exp"), *sets)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+        assert message in done.stderr, done.stderr
     raw = yaml.safe_load(good.read_text())
     del raw["data"]["lang"]
     good.write_text(yaml.safe_dump(raw))

@@ -42,7 +42,9 @@ def speed_perturb(samples: np.ndarray, sample_rate: int, factor: float) -> np.nd
     return resample(samples, sample_rate * factor, sample_rate)
 
 
-def spec_augment(feats: np.ndarray, config: SpecAugmentConfig, rng: np.random.Generator) -> np.ndarray:
+def spec_augment(
+    feats: np.ndarray, config: SpecAugmentConfig, rng: np.random.Generator
+) -> np.ndarray:
     """Optional time warp, then frequency and time masks. Shape kept: (frames, bins).
 
     Masked cells take the time-average of their bin, so a mask carries no

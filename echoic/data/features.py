@@ -29,7 +29,9 @@ class FbankConfig:
     num_mel_bins: int = 80  # output dimension of the features
     frame_length_ms: float = 25.0  # analysis window
     frame_shift_ms: float = 10.0  # hop between frames
-    dither: float = 0.0  # std of Gaussian noise added in int16 units (0 = off), seeded per utterance
+    dither: float = (
+        0.0  # std of Gaussian noise added in int16 units (0 = off), seeded per utterance
+    )
 
     def __post_init__(self) -> None:
         if self.num_mel_bins < 1:

@@ -72,7 +72,9 @@ def _duration(path: str, where: str) -> float:
 # -- Kaldi ---------------------------------------------------------------------------------
 
 
-def _read_table(path: Path, *, required: bool, allow_empty_value: bool = False) -> dict[str, tuple[str, int]]:
+def _read_table(
+    path: Path, *, required: bool, allow_empty_value: bool = False
+) -> dict[str, tuple[str, int]]:
     """A Kaldi `key value...` file as {key: (value, line)}."""
     if not path.is_file():
         if required:
@@ -127,7 +129,9 @@ def import_kaldi(data_dir: Path) -> list[Utterance]:
     utterances: list[Utterance] = []
     missing_text = 0
     if segments:
-        for utt_id, (value, number) in tqdm(segments.items(), desc="kaldi", unit="utt", leave=False):
+        for utt_id, (value, number) in tqdm(
+            segments.items(), desc="kaldi", unit="utt", leave=False
+        ):
             where = f"{data_dir / 'segments'}:{number}"
             fields = value.split()
             if len(fields) != 3:
@@ -146,7 +150,9 @@ def import_kaldi(data_dir: Path) -> list[Utterance]:
             if end < 0 or end > total:  # Kaldi writes -1 for "to the end"
                 end = total
             if not 0 <= start < end:
-                raise ManifestError(f"{where}: segment [{start}, {end}] is empty or outside the audio")
+                raise ManifestError(
+                    f"{where}: segment [{start}, {end}] is empty or outside the audio"
+                )
             utterances.append(
                 Utterance(
                     id=utt_id,
@@ -172,7 +178,9 @@ def import_kaldi(data_dir: Path) -> list[Utterance]:
                 )
             )
     if missing_text:
-        log.warning("kaldi import: %d utterances without a transcript in 'text' were left out", missing_text)
+        log.warning(
+            "kaldi import: %d utterances without a transcript in 'text' were left out", missing_text
+        )
     return utterances
 
 
@@ -193,7 +201,11 @@ def import_librispeech(root: Path) -> list[Utterance]:
                 utt_id, _, text = line.partition(" ")
                 where = f"{trans}:{number}"
                 audio = next(
-                    (trans.parent / f"{utt_id}{s}" for s in AUDIO_SUFFIXES if (trans.parent / f"{utt_id}{s}").exists()),
+                    (
+                        trans.parent / f"{utt_id}{s}"
+                        for s in AUDIO_SUFFIXES
+                        if (trans.parent / f"{utt_id}{s}").exists()
+                    ),
                     trans.parent / f"{utt_id}.flac",
                 )
                 utterances.append(
@@ -212,7 +224,9 @@ def import_librispeech(root: Path) -> list[Utterance]:
 
 
 def import_folder(root: Path) -> list[Utterance]:
-    audio_files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    audio_files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+    )
     utterances: list[Utterance] = []
     without_text = []
     for path in tqdm(audio_files, desc="folder", unit="file", leave=False):
@@ -260,7 +274,9 @@ def import_lhotse(path: Path) -> list[Utterance]:
         if recording is None:
             raise ManifestError(f"{where}: has no recording")
         if len(recording.sources) != 1 or recording.sources[0].type != "file":
-            raise ManifestError(f"{where}: only recordings with one audio file source are supported")
+            raise ManifestError(
+                f"{where}: only recordings with one audio file source are supported"
+            )
         audio = Path(recording.sources[0].source)
         if not audio.is_absolute():
             audio = (path.resolve().parent / audio).resolve()

@@ -120,7 +120,9 @@ def _parse_line(line: str, where: str, base_dir: Path) -> Utterance:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ManifestError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+        raise ManifestError(
+            f"{where}: malformed JSON ({error.msg} at column {error.colno})"
+        ) from None
     if not isinstance(record, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in record:

@@ -53,7 +53,9 @@ def _cmvn_chunk(job: tuple[list[tuple[str, str, float, float]], int, FbankConfig
     skipped: list[tuple[str, str, str]] = []
     for utt_id, audio, offset, duration in items:
         try:
-            samples = load_audio(audio, sample_rate=sample_rate, offset=offset, duration=duration or None)
+            samples = load_audio(
+                audio, sample_rate=sample_rate, offset=offset, duration=duration or None
+            )
         except AudioError as error:
             skipped.append((utt_id, error.reason, str(error)))
             continue
@@ -127,7 +129,9 @@ def prepare(
     trained.save(out_dir / "tokenizer.json")
     log.info("%s tokenizer: %d tokens", tokenizer, trained.vocab_size)
 
-    stats, skipped = compute_cmvn(manifest, sample_rate, fbank, jobs or os.cpu_count() or 1, progress)
+    stats, skipped = compute_cmvn(
+        manifest, sample_rate, fbank, jobs or os.cpu_count() or 1, progress
+    )
     stats.save(out_dir / "cmvn.json")
     reasons = Counter(reason for _, reason, _ in skipped)
     report = {
@@ -147,5 +151,10 @@ def prepare(
     }
     (out_dir / "prepare.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     for reason, count in sorted(reasons.items()):
-        log.warning("cmvn: skipped %d utterances (%s), e.g. %s", count, reason, report["skipped_examples"][0])
+        log.warning(
+            "cmvn: skipped %d utterances (%s), e.g. %s",
+            count,
+            reason,
+            report["skipped_examples"][0],
+        )
     return report

@@ -61,7 +61,9 @@ class BucketBatchSampler:
         batches, so ranks may then take different numbers of batches."""
         if (max_frames is None) == (batch_size is None):
             raise ValueError("set exactly one of max_frames and batch_size")
-        if (max_frames is not None and max_frames < 1) or (batch_size is not None and batch_size < 1):
+        if (max_frames is not None and max_frames < 1) or (
+            batch_size is not None and batch_size < 1
+        ):
             raise ValueError("max_frames and batch_size must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -148,7 +150,9 @@ class BucketBatchSampler:
     def set_position(self, epoch: int, batch_index: int = 0) -> None:
         total = len(self.epoch_batches(epoch))
         if epoch < 0 or not 0 <= batch_index <= total:
-            raise ValueError(f"position ({epoch}, {batch_index}) is outside the epoch's {total} batches")
+            raise ValueError(
+                f"position ({epoch}, {batch_index}) is outside the epoch's {total} batches"
+            )
         self.epoch = epoch
         self.batch_index = batch_index
 
@@ -162,7 +166,9 @@ class BucketBatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if set(state) != {"epoch", "batch_index"}:
-            raise ValueError(f"sampler state must have keys epoch and batch_index, got {sorted(state)}")
+            raise ValueError(
+                f"sampler state must have keys epoch and batch_index, got {sorted(state)}"
+            )
         self.set_position(int(state["epoch"]), int(state["batch_index"]))
 
     # -- iteration -------------------------------------------------------------------------

@@ -122,7 +122,9 @@ def normalize_text(text: str, lang: str = "en") -> str:
     """
     text = unicodedata.normalize("NFKC", text)
     if lang == "en":
-        text = _ABBREVIATION_RE.sub(lambda m: " " + _EN_ABBREVIATIONS[m.group(0).lower()] + " ", text)
+        text = _ABBREVIATION_RE.sub(
+            lambda m: " " + _EN_ABBREVIATIONS[m.group(0).lower()] + " ", text
+        )
         text = text.replace("&", " and ")
         text = spell_numbers_en(text)
     elif lang == "zh":

@@ -218,7 +218,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _check_layout(tokens: list[str]) -> None:
-    if len(tokens) < 3 or tokens[BLANK_ID] != BLANK or tokens[UNK_ID] != UNK or tokens[-1] != SOS_EOS:
+    if (
+        len(tokens) < 3
+        or tokens[BLANK_ID] != BLANK
+        or tokens[UNK_ID] != UNK
+        or tokens[-1] != SOS_EOS
+    ):
         raise ValueError(f"token list must start with {BLANK}, {UNK} and end with {SOS_EOS}")
     if len(set(tokens)) != len(tokens):
         raise ValueError("token list has duplicates")

@@ -36,7 +36,7 @@ from echoic.errors import EchoicError
 DISCOUNT = 0.75
 # Tuned on the built-in corpus's dev split (recipes/synth_en/README.md).
 LM_WEIGHT = 0.4
-WORD_BONUS = 2.5
+WORD_BONUS = 1.5
 OOV = -1  # node id of "spelling outside the lexicon until the next boundary"
 END = -2  # word id of </s> in the counts and in log_prob
 

@@ -89,6 +89,7 @@ def decode_manifest(
         batch_size=None,
         num_workers=num_workers,
         min_duration=shortest,
+        feature_cache=False,  # one pass: nothing to reuse
     )
     loader = build_loader(
         manifest, tokenizer, data, input_spec=model.input_spec, seed=0, train=False

@@ -90,6 +90,9 @@ class ExperimentConfig:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 on CPU")
         if self.optim.scheduler == "cosine" and self.train.max_steps is None:
             raise ValueError("optim.scheduler cosine needs train.max_steps (its length)")
+        fbank = self.model.frontend.fbank
+        if self.data.feature_cache and fbank is not None and fbank.fbank.dither > 0:
+            raise ValueError("data.feature_cache needs model.frontend.fbank.fbank.dither 0")
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

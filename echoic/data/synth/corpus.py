@@ -105,7 +105,9 @@ def plan_corpus(
         ids = sentence_ids[split]
         for number in range(sizes[split]):
             text = pool[ids[number % len(ids)]]
-            plans.append(_plan_utterance(f"{lang}-{split}-{number:06d}", split, text, voices, seed, lang))
+            plans.append(
+                _plan_utterance(f"{lang}-{split}-{number:06d}", split, text, voices, seed, lang)
+            )
     return plans
 
 
@@ -143,7 +145,12 @@ def plan_hotword_test(
     spread = Counter(w for sentence in pool for w in set(sentence.split()))
 
     def rare(word: str) -> bool:
-        return len(word) >= HOTWORD_MIN_LETTERS and "'" not in word and word not in train_words and spread[word] <= 3
+        return (
+            len(word) >= HOTWORD_MIN_LETTERS
+            and "'" not in word
+            and word not in train_words
+            and spread[word] <= 3
+        )
 
     unused = [s for s in pool if s not in used]
     chosen: list[tuple[str, str]] = []
@@ -162,7 +169,14 @@ def plan_hotword_test(
     order = make_rng(seed, lang, "distractors").permutation(len(others))
     distractors = [others[i] for i in order[: len(chosen)]]
     test_plans = [
-        _plan_utterance(f"{lang}-hotword-{n:06d}", HOTWORD_SPLIT, sentence, [v for v in voices if not v.test_only], seed, lang)
+        _plan_utterance(
+            f"{lang}-hotword-{n:06d}",
+            HOTWORD_SPLIT,
+            sentence,
+            [v for v in voices if not v.test_only],
+            seed,
+            lang,
+        )
         for n, (sentence, _) in enumerate(chosen)
     ]
     return test_plans, [word for _, word in chosen], distractors
@@ -215,7 +229,9 @@ def _wav_path(out_dir: Path, plan: PlannedUtterance) -> Path:
     return out_dir / "wav" / plan.split / f"{plan.id}.wav"
 
 
-def _synthesize_chunk(job: tuple[list[PlannedUtterance], str, int, float | None]) -> list[tuple[str, int]]:
+def _synthesize_chunk(
+    job: tuple[list[PlannedUtterance], str, int, float | None],
+) -> list[tuple[str, int]]:
     plans, out_dir, seed, noise_snr = job
     voice = plans[0].voice
     if voice.engine == "espeak":
@@ -308,7 +324,11 @@ def synthesize_corpus(
 
 
 def _write_manifests(
-    out_dir: Path, plans: list[PlannedUtterance], lengths: dict[str, int], lang: str, splits: Sequence[str]
+    out_dir: Path,
+    plans: list[PlannedUtterance],
+    lengths: dict[str, int],
+    lang: str,
+    splits: Sequence[str],
 ) -> dict:
     summary: dict = {"splits": {}}
     for split in splits:
@@ -327,7 +347,9 @@ def _write_manifests(
         write_manifest(out_dir / f"{split}.jsonl", utterances)
         # Mandarin is written without spaces: count characters instead of words.
         unit = "chars" if lang == "zh" else "words"
-        words = Counter(w for p in chosen for w in (list(p.text) if lang == "zh" else p.text.split()))
+        words = Counter(
+            w for p in chosen for w in (list(p.text) if lang == "zh" else p.text.split())
+        )
         summary["splits"][split] = {
             "utterances": len(chosen),
             "hours": round(sum(u.duration for u in utterances) / 3600, 4),

@@ -44,15 +44,46 @@ def _espeak(names: Sequence[str], test_only: bool = False) -> list[Voice]:
 
 
 ENGLISH_VOICES: tuple[Voice, ...] = (
-    *_espeak([
-        "en-us+m1", "en-us+f1", "en-us+m3", "en-us+f3", "en-us+klatt", "en-us+Annie",
-        # British English is "en": espeak-ng 1.51 ignores variants on "en-gb" (checked).
-        "en+m2", "en+f2", "en+m4", "en+Michael",
-        "en-gb-x-rp+m5", "en-gb-x-rp+f4", "en-gb-x-rp+Andy",
-        "en-gb-scotland+m6", "en-gb-scotland+f5",
-        "en-us-nyc+m7", "en-us-nyc+Alicia",
-        "en-gb-x-gbclan+m3", "en-gb-x-gbcwmd+klatt2", "en-029+m2",
-    ]),
+    *_espeak(
+        [
+            "en-us+m1",
+            "en-us+f1",
+            "en-us+m3",
+            "en-us+f3",
+            "en-us+klatt",
+            "en-us+Annie",
+            # British English is "en": espeak-ng 1.51 ignores variants on "en-gb" (checked).
+            "en+m2",
+            "en+f2",
+            "en+m4",
+            "en+Michael",
+            "en-gb-x-rp+m5",
+            "en-gb-x-rp+f4",
+            "en-gb-x-rp+Andy",
+            "en-gb-scotland+m6",
+            "en-gb-scotland+f5",
+            "en-us-nyc+m7",
+            "en-us-nyc+Alicia",
+            "en-gb-x-gbclan+m3",
+            "en-gb-x-gbcwmd+klatt2",
+            "en-029+m2",
+            # More variants per accent and accents per variant, so that a voice is not
+            # one inseparable (accent, timbre) pair: the test-only voices combine an
+            # accent and a variant that train has, but never together.
+            "en-us+m4",
+            "en-us+f2",
+            "en+f3",
+            "en-gb-x-rp+f2",
+            "en-gb-scotland+m1",
+            "en-us-nyc+m5",
+            "en-gb-x-gbclan+f4",
+            "en-gb-x-gbcwmd+m2",
+            "en-gb-x-gbcwmd+f1",
+            "en-029+m1",
+            "en-029+f3",
+            "en-029+klatt3",
+        ]
+    ),
     *_espeak(["en-029+f2", "en-gb-x-gbcwmd+m4"], test_only=True),
     Voice("festival", "kal_diphone"),
     Voice("festival", "ked_diphone"),
@@ -60,14 +91,19 @@ ENGLISH_VOICES: tuple[Voice, ...] = (
 )
 
 MANDARIN_VOICES: tuple[Voice, ...] = (
-    *_espeak([
-        f"cmn-latn-pinyin+{v}"
-        for v in ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "Annie")
-    ]),
+    *_espeak(
+        [
+            f"cmn-latn-pinyin+{v}"
+            for v in ("m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "Annie")
+        ]
+    ),
     *_espeak(["cmn-latn-pinyin+f5", "cmn-latn-pinyin+m7"], test_only=True),
 )
 
-PROBE_TEXT = {"en": "the quick brown fox jumps over the lazy dog", "zh": "今天天气很好我们去公园散步"}
+PROBE_TEXT = {
+    "en": "the quick brown fox jumps over the lazy dog",
+    "zh": "今天天气很好我们去公园散步",
+}
 
 
 def voices_for(lang: str) -> tuple[Voice, ...]:
@@ -84,13 +120,26 @@ def require_programs(voices: Sequence[Voice]) -> None:
         if shutil.which(needed[engine]) is None:
             raise EchoicError(
                 f"{needed[engine]} not found: run `make setup` or "
-                "`apt-get install espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts`"
+                "`apt-get install espeak-ng festival festvox-kallpc16k festvox-kdlpc16k "
+                "festvox-us-slt-hts`"
             )
 
 
-def espeak_audio(voice: str, text: str, *, words_per_minute: int, pitch: int) -> tuple[np.ndarray, int]:
+def espeak_audio(
+    voice: str, text: str, *, words_per_minute: int, pitch: int
+) -> tuple[np.ndarray, int]:
     """Synthesize with espeak-ng. Returns (float samples, sample rate)."""
-    command = ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-p", str(pitch), "--stdout", text]
+    command = [
+        "espeak-ng",
+        "-v",
+        voice,
+        "-s",
+        str(words_per_minute),
+        "-p",
+        str(pitch),
+        "--stdout",
+        text,
+    ]
     result = subprocess.run(command, capture_output=True, check=False)
     if result.returncode != 0 or len(result.stdout) < 100:
         message = result.stderr.decode(errors="replace").strip() or "no audio"
@@ -121,7 +170,9 @@ def festival_audio(
     for out in outputs:
         if not out.is_file():
             message = result.stderr.decode(errors="replace").strip().splitlines()
-            raise EchoicError(f"festival failed for voice {voice}: {message[-1] if message else 'no audio'}")
+            raise EchoicError(
+                f"festival failed for voice {voice}: {message[-1] if message else 'no audio'}"
+            )
         samples, rate = sf.read(out, dtype="float32")
         audio.append((samples, rate))
         out.unlink()
@@ -148,7 +199,7 @@ def check_voices(voices: Sequence[Voice], lang: str) -> list[Voice]:
         with tempfile.TemporaryDirectory() as tmp:
             for name in festival_names:
                 try:
-                    (samples, _), = festival_audio(name, [(probe, 1.0)], tmp)
+                    ((samples, _),) = festival_audio(name, [(probe, 1.0)], tmp)
                     festival_prints[name] = _fingerprint(samples)
                 except EchoicError as error:
                     log.warning("voice festival:%s dropped: %s", name, error)
@@ -161,7 +212,9 @@ def check_voices(voices: Sequence[Voice], lang: str) -> list[Voice]:
         else:
             continue
         if print_ in seen:
-            log.warning("voice %s dropped: its audio equals %s's (unknown name?)", voice.id, seen[print_])
+            log.warning(
+                "voice %s dropped: its audio equals %s's (unknown name?)", voice.id, seen[print_]
+            )
             continue
         seen[print_] = voice.id
         kept.append(voice)
