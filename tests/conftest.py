@@ -116,7 +116,7 @@ def trained(corpus, lang, tmp_path_factory):
                 "model": {"encoder": encoder, **heads[kind]},
                 "optim": {"lr": 0.005, "scheduler": "constant", "warmup_steps": 0},
                 "train": {
-                    "max_steps": 160 if kind == "hybrid" else 240,
+                    "max_steps": 240,
                     "max_epochs": None,  # one batch an epoch: steps are the limit
                     "log_every": 20,
                     "save_every_steps": 80,

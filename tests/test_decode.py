@@ -172,7 +172,7 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
                 == 0
             )
             wer = json.loads(capsys.readouterr().out)["wer"]
-            # A 160-step decoder still loops in free running; the other searches must be good.
+            # A 240-step decoder still loops in free running; the other searches must be good.
             assert wer < (1.0 if method == "attention" else 0.3), (kind, method, wer)
     exp, manifest = trained("hybrid")
     args = f"decode --exp {exp} --manifest {manifest} --method rnnt_beam --out {tmp_path / 'x'}"
