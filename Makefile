@@ -37,19 +37,20 @@ CORPUS := $(DATA)/synth_en
 
 # File targets: a rerun skips what is done, and training resumes where it stopped
 # (Ctrl-C saves a checkpoint first).
-$(CORPUS)/train.jsonl: | python system
+# lm_text.txt is the last file synth writes: a corpus from before it existed is redone.
+$(CORPUS)/lm_text.txt: | python system
 	$(ECHOIC) synth --out $(CORPUS) --num-utts 10000 --hotword-test --jobs $(JOBS)
 
-$(CORPUS)/lang_char/cmvn.json: $(CORPUS)/train.jsonl
+$(CORPUS)/lang_char/cmvn.json: $(CORPUS)/lm_text.txt
 	$(ECHOIC) prepare --manifest $(CORPUS)/train.jsonl --tokenizer char --out $(CORPUS)/lang_char \
 		--report-on $(CORPUS)/dev.jsonl $(CORPUS)/test.jsonl --jobs $(JOBS)
 
 demo: setup $(CORPUS)/lang_char/cmvn.json
 	$(ECHOIC) train recipes/synth_en/conf/demo.yaml --exp exp/demo
 	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method attention_rescoring \
-		--lm $(CORPUS)/train.jsonl --out exp/demo/decode_test
+		--lm $(CORPUS)/lm_text.txt --out exp/demo/decode_test
 	@echo
-	@echo "Test split, demo model (attention_rescoring with a word LM of the train transcripts):"
+	@echo "Test split, demo model (attention_rescoring with a trigram word LM of lm_text.txt):"
 	@$(ECHOIC) score --ref $(CORPUS)/test.jsonl --hyp exp/demo/decode_test/hyp.jsonl --worst 3
 	@echo
 	@echo "Transcribe your own recording (any format, rate or channels):"

@@ -45,6 +45,11 @@ def _synth(args: argparse.Namespace) -> None:
         f"train has {splits['train'][f'distinct_{unit}']} distinct {unit}; "
         f"{len(summary['voices'])} voices, {len(summary['test_only_voices'])} heard only in test"
     )
+    text = summary["lm_text"]
+    print(
+        f"lm_text.txt: {text['sentences']} sentences for a language model "
+        f"(train's and {text['text_only']} that no split speaks)"
+    )
 
 
 def _import(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
 """The word LM for character searches: exact scores, OOV handling, a misspelling
 pulled back to a word, combination with hotwords, the CLI."""
 
+import itertools
 import json
 import math
 
@@ -30,24 +31,40 @@ def _walk(scorer, tokens: list[int]) -> float:
     return total + scorer.finish(state)
 
 
-def test_a_sentence_scores_its_bigrams_and_word_bonuses(tokenizer):
+def test_a_sentence_scores_its_ngrams_and_word_bonuses(tokenizer):
     lm = WordLM(SENTENCES, tokenizer, weight=0.7, word_bonus=1.5)
     ids = {w: i for i, w in enumerate(lm.words)}
     expected = 0.7 * (
-        lm.log_prob(ids["the"], 0)
-        + lm.log_prob(ids["cat"], ids["the"])
-        + lm.log_prob(ids["sat"], ids["cat"])
-        + lm.log_prob(END, ids["sat"])
+        lm.log_prob(ids["the"], (0, 0))
+        + lm.log_prob(ids["cat"], (0, ids["the"]))
+        + lm.log_prob(ids["sat"], (ids["the"], ids["cat"]))
+        + lm.log_prob(END, (ids["cat"], ids["sat"]))
     )
     # Look-ahead scores along the way telescope to exactly the sentence's score.
     assert _walk(lm, tokenizer.encode("the cat sat")) == pytest.approx(expected + 3 * 1.5)
 
 
-def test_bigram_probabilities_sum_to_one(tokenizer):
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_probabilities_sum_to_one_for_any_history(tokenizer, order):
+    lm = WordLM(SENTENCES, tokenizer, order=order)
+    vocabulary = [*range(1, len(lm.words)), END]
+    # every history of seen, unseen and <s> words, seen n-grams or not
+    for history in itertools.product(range(len(lm.words)), repeat=order - 1):
+        total = sum(math.exp(lm.log_prob(w, history)) for w in vocabulary)
+        assert total == pytest.approx(1.0), history
+
+
+def test_kneser_ney_prefers_a_seen_continuation_and_backs_off(tokenizer):
     lm = WordLM(SENTENCES, tokenizer)
-    for history in range(len(lm.words)):
-        total = sum(math.exp(lm.log_prob(w, history)) for w in [*range(1, len(lm.words)), END])
-        assert total == pytest.approx(1.0)
+    ids = {w: i for i, w in enumerate(lm.words)}
+    the_cat, a_dog = (ids["the"], ids["cat"]), (ids["a"], ids["dog"])
+    # "the cat" was followed by sat and ran; "a dog" only by sat; "home" only after "ran"
+    assert lm.log_prob(ids["sat"], a_dog) > lm.log_prob(ids["ran"], a_dog)
+    assert lm.log_prob(ids["home"], (ids["dog"], ids["ran"])) > lm.log_prob(ids["home"], the_cat)
+    # an unseen history uses the lower orders: P(sat | <unk> cat) = P(sat | cat)
+    assert lm.log_prob(ids["sat"], (0, ids["cat"])) == lm.log_prob(
+        ids["sat"], (ids["dog"], ids["cat"])
+    )
 
 
 def test_a_word_outside_the_lexicon_pays_the_penalty_once(tokenizer):
@@ -55,7 +72,8 @@ def test_a_word_outside_the_lexicon_pays_the_penalty_once(tokenizer):
     ids = {w: i for i, w in enumerate(lm.words)}
     # "kit" leaves the lexicon at "k"; "cats" leaves it after a complete word.
     for sentence in ("the kit", "the cats"):
-        expected = 0.5 * (lm.log_prob(ids["the"], 0) + lm.log_prob(END, 0)) - 7.0
+        after_oov = (ids["the"], 0)  # an OOV word leaves <s> in the history
+        expected = 0.5 * (lm.log_prob(ids["the"]) + lm.log_prob(END, after_oov)) - 7.0
         assert _walk(lm, tokenizer.encode(sentence)) == pytest.approx(expected), sentence
 
 

@@ -11,7 +11,7 @@ from conftest import needs_synth
 
 from echoic.cli import main
 from echoic.data.manifest import read_manifest
-from echoic.data.synth.corpus import plan_corpus, synthesize_corpus
+from echoic.data.synth.corpus import lm_text, plan_corpus, plan_hotword_test, synthesize_corpus
 from echoic.data.synth.text_source import english_sentence, english_sentences, mandarin_sentences
 from echoic.data.synth.voices import ENGLISH_VOICES, MANDARIN_VOICES, check_voices
 from echoic.errors import EchoicError
@@ -146,6 +146,7 @@ def test_synth_cli_reports_what_it_wrote_with_a_progress_bar(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--num-utts", "8", "--jobs", "2"]) == 0
     captured = capsys.readouterr()
     assert "train 6" in captured.out and "distinct words" in captured.out
+    assert "lm_text.txt: " in captured.out and (tmp_path / "lm_text.txt").is_file()
     assert "synth en: 100%" in captured.err  # the tqdm bar
     assert (tmp_path / "test.jsonl").is_file()
 
@@ -156,3 +157,16 @@ def test_held_out_sentences_use_the_training_vocabulary():
     for split in ("dev", "test"):
         words = [w for p in plans if p.split == split for w in p.text.split()]
         assert sum(w not in train for w in words) == 0, split
+
+
+def test_lm_text_is_train_plus_unspoken_sentences_never_held_out_ones():
+    plans = plan_corpus("en", 2000, seed=0, voices=ENGLISH_VOICES)
+    extra, hotwords, distractors = plan_hotword_test(plans, "en", 0, ENGLISH_VOICES, 50)
+    plans = [*plans, *extra]
+    text = lm_text(plans, "en", excluded_words=set(hotwords + distractors))
+    train = [p.text for p in plans if p.split == "train"]
+    assert text[: len(train)] == train
+    held_out = {p.text for p in plans if p.split != "train"}
+    assert held_out and not held_out & set(text)
+    assert not {w for s in text for w in s.split()} & set(hotwords + distractors)
+    assert len(text) > 2 * len(train)  # the pool's unspoken sentences as text-only data

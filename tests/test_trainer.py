@@ -351,6 +351,20 @@ def test_an_out_of_memory_batch_is_skipped_and_max_frames_shrinks(
     assert trainer.train_loader.sampler.max_frames == 750  # epoch 1 was planned with it
 
 
+def test_an_all_skipped_batch_changes_nothing(tmp_path, corpus, lang):
+    """A batch whose every utterance was skipped still runs every parameter (other ranks
+    wait for its gradients), on a model with BatchNorm, and leaves weights, gradients and
+    statistics as they were."""
+    trainer = _in_process(tmp_path, corpus, lang)
+    trainer._setup()
+    module = trainer.model
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    module.train()
+    trainer._dummy_backward()
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert all(p.grad is None or not p.grad.any() for p in module.parameters())
+
+
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process_and_resumes_on_one(tmp_path, corpus, lang):
     one = write_config(tmp_path, corpus, lang, train={"max_steps": 8, "valid_every": None})

@@ -440,8 +440,9 @@ class Trainer:
 
     def _dummy_batch(self) -> Batch:
         """A one-utterance batch of silence and one token: runs every parameter, so
-        distributed gradient hooks fire, while its loss is multiplied by zero."""
-        frames = self._min_frames + 1
+        distributed gradient hooks fire, while its loss is multiplied by zero. Long enough
+        for two encoder frames: BatchNorm in training refuses a single value per channel."""
+        frames = 2 * self._min_frames + 1
         spec = self.input_spec
         feats = feat_lens = audio = audio_lens = None
         if spec.kind == "fbank":

@@ -278,13 +278,15 @@ def synthesize_corpus(
     hotword_test: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Write wav/<split>/*.wav, train.jsonl, dev.jsonl, test.jsonl and corpus.json under
-    `out_dir` (with `hotword_test` > 0 also hotword_test.jsonl and hotwords.txt).
-    Returns the corpus summary (also in corpus.json)."""
+    """Write wav/<split>/*.wav, train.jsonl, dev.jsonl, test.jsonl, lm_text.txt and
+    corpus.json under `out_dir` (with `hotword_test` > 0 also hotword_test.jsonl and
+    hotwords.txt). Returns the corpus summary (also in corpus.json)."""
     out_dir = Path(out_dir)
     voices = check_voices(voices_for(lang), lang)
     plans = plan_corpus(lang, num_utts, seed, voices)
     splits = SPLITS
+    hotwords: list[str] = []
+    distractors: list[str] = []
     if hotword_test:
         extra, hotwords, distractors = plan_hotword_test(plans, lang, seed, voices, hotword_test)
         plans = [*plans, *extra]
@@ -309,6 +311,9 @@ def synthesize_corpus(
                     lengths.update(written)
                     bar.update(len(written))
     summary = _write_manifests(out_dir, plans, lengths, lang, splits)
+    text = lm_text(plans, lang, excluded_words=set(hotwords + distractors))
+    train_sentences = sum(p.split == "train" for p in plans)
+    summary["lm_text"] = {"sentences": len(text), "text_only": len(text) - train_sentences}
     if hotword_test:
         summary["hotwords"] = {"in_sentences": len(hotwords), "distractors": len(distractors)}
     summary.update(
@@ -320,7 +325,21 @@ def synthesize_corpus(
         dropped_voices=[v.id for v in voices_for(lang) if v not in voices],
     )
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    # Last, so that its presence means a finished corpus (make demo's file target).
+    (out_dir / "lm_text.txt").write_text("".join(f"{line}\n" for line in text))
     return summary
+
+
+def lm_text(plans: Sequence[PlannedUtterance], lang: str, excluded_words: set[str]) -> list[str]:
+    """Text to train a language model on, like LibriSpeech's LM corpus: the train
+    transcripts, then every sentence of the pool that no split speaks. Sentences of
+    dev, test and the hotword test never occur, nor do the hotword list's words (the
+    hotword test measures biasing towards words the model has not met)."""
+    spoken = {p.text for p in plans}
+    text_only = [
+        s for s in sentences(lang) if s not in spoken and excluded_words.isdisjoint(s.split())
+    ]
+    return [*(p.text for p in plans if p.split == "train"), *text_only]
 
 
 def _write_manifests(
