@@ -10,7 +10,7 @@ the first thread count only; runtime "...+hotwords"), and their lines add hotwor
 recall, precision, B-WER and U-WER.
 
     python benchmarks/decode.py --exp exp/demo --manifest data/synth_en/test.jsonl \
-        --lm data/synth_en/train.jsonl --hotwords data/synth_en/hotwords.txt
+        --lm data/synth_en/lm_text.txt --hotwords data/synth_en/hotwords.txt
 """
 
 from __future__ import annotations
