@@ -354,10 +354,14 @@ def test_an_out_of_memory_batch_is_skipped_and_max_frames_shrinks(
 def test_an_all_skipped_batch_changes_nothing(tmp_path, corpus, lang):
     """A batch whose every utterance was skipped still runs every parameter (other ranks
     wait for its gradients), on a model with BatchNorm, and leaves weights, gradients and
-    statistics as they were."""
+    statistics as they were. Its one utterance is as short as training allows: two
+    encoder frames, since BatchNorm refuses a one-utterance batch of one frame."""
     trainer = _in_process(tmp_path, corpus, lang)
     trainer._setup()
     module = trainer.model
+    shortest = torch.tensor([trainer._min_frames])
+    assert module.encoder.subsampling.output_lengths(shortest).item() == 2
+    assert module.encoder.subsampling.output_lengths(shortest - 1).item() == 1
     before = {k: v.clone() for k, v in module.state_dict().items()}
     module.train()
     trainer._dummy_backward()

@@ -102,9 +102,14 @@ class Conv2dSubsampling(nn.Module):
             raise ValueError(f"input_dim {input_dim} is too small for subsampling by {factor}")
         self.linear = nn.Linear(channels * freq, d_model)
         self.factor = factor
-        self.min_input_frames = 1
+        self.min_input_frames = self.input_frames_for(1)
+
+    def input_frames_for(self, outputs: int) -> int:
+        """The fewest input frames that give `outputs` output frames."""
+        frames = outputs
         for kernel, stride in reversed(self.layers):
-            self.min_input_frames = (self.min_input_frames - 1) * stride + kernel
+            frames = (frames - 1) * stride + kernel
+        return frames
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         for kernel, stride in self.layers:

@@ -191,16 +191,18 @@ class Trainer:
             load_model_weights(model, weights)
         self.metric_units = model.metric_units
         self.input_spec = model.input_spec
-        self._min_frames = model.encoder.min_input_frames
+        # Two encoder frames at least: the subsampling front needs min_input_frames for
+        # one, and BatchNorm in training refuses a one-utterance batch of one frame.
+        self._min_frames = model.encoder.subsampling.input_frames_for(2)
         self.model = wrap(model.to(rt.device), rt, train.distributed)
 
         data = self.config.data
-        # Nothing shorter than the subsampling front accepts may reach the model.
+        # Nothing shorter than that may reach the model (+1: fbank's window is 2.5 shifts).
         frame_shift = 1.0 / self.input_spec.frames_per_second
-        min_duration = max(data.min_duration, (model.encoder.min_input_frames + 1) * frame_shift)
+        min_duration = max(data.min_duration, (self._min_frames + 1) * frame_shift)
         if min_duration > data.min_duration:
             log.info(
-                "min_duration raised to %.3f s: the encoder needs %d input frames",
+                "min_duration raised to %.3f s: two encoder frames need %d input frames",
                 min_duration,
                 self._min_frames,
             )
@@ -440,9 +442,8 @@ class Trainer:
 
     def _dummy_batch(self) -> Batch:
         """A one-utterance batch of silence and one token: runs every parameter, so
-        distributed gradient hooks fire, while its loss is multiplied by zero. Long enough
-        for two encoder frames: BatchNorm in training refuses a single value per channel."""
-        frames = 2 * self._min_frames + 1
+        distributed gradient hooks fire, while its loss is multiplied by zero."""
+        frames = self._min_frames
         spec = self.input_spec
         feats = feat_lens = audio = audio_lens = None
         if spec.kind == "fbank":
