@@ -2,6 +2,7 @@
 and TorchScript export, transcription of arbitrary audio files."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -243,3 +244,17 @@ def test_transcribe_a_44k_stereo_file(trained, tmp_path, capsys):
     assert text == utterance.text
     assert main(["transcribe", "--exp", str(exp), str(tmp_path / "nope.wav")]) == 2
     assert "audio file not found" in capsys.readouterr().err
+
+
+def test_an_utterance_too_short_for_the_encoder_is_skipped_not_a_crash(trained, tmp_path, caplog):
+    """0.0844 s gives 6 fbank frames, one fewer than the subsampling front needs."""
+    exp, _ = trained("hybrid")
+    samples = 1350  # seconds_for_frames(7) is 0.085 s: 1,360 samples
+    sf.write(tmp_path / "short.wav", np.full(samples, 0.1, dtype=np.float32), 16000)
+    line = {"id": "short", "audio": "short.wav", "text": "a", "duration": samples / 16000}
+    (tmp_path / "short.jsonl").write_text(json.dumps(line) + "\n")
+    args = f"decode --exp {exp} --manifest {tmp_path / 'short.jsonl'} --method ctc_greedy"
+    with caplog.at_level(logging.INFO, logger="echoic"):
+        assert main([*args.split(), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "skipped 1 (1 too_short)" in caplog.text
+    assert (tmp_path / "out" / "hyp.jsonl").read_text() == ""

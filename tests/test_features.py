@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from echoic.data.augment import SpecAugmentConfig, spec_augment, speed_perturb, time_warp
-from echoic.data.features import CmvnStats, FbankConfig, compute_fbank
+from echoic.data.features import FBANK_80, CmvnStats, FbankConfig, InputSpec, compute_fbank
 from echoic.data.manifest import read_manifest
 from echoic.data.prepare import compute_cmvn
 from echoic.seeding import make_rng
@@ -103,3 +103,12 @@ def test_time_warp_keeps_shape_and_endpoints():
     assert time_warp(short, 10, make_rng(3)) is short
     warped_config = SpecAugmentConfig(num_freq_masks=0, num_time_masks=0, time_warp=10)
     assert spec_augment(feats, warped_config, make_rng(3)).shape == feats.shape
+
+
+@pytest.mark.parametrize("frames", [1, 7, 11])
+def test_seconds_for_frames_is_the_exact_shortest_audio(frames):
+    fbank = FbankConfig()
+    samples = round(FBANK_80.seconds_for_frames(frames) * 16000)
+    assert fbank.num_frames(samples, 16000) == frames
+    assert fbank.num_frames(samples - 1, 16000) == frames - 1
+    assert InputSpec("waveform").seconds_for_frames(frames) == frames / 100

@@ -2,6 +2,7 @@
 checks, bad steps, out-of-memory batches, DDP on two processes, plots and averaging."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from echoic.data.augment import speed_perturb
+from echoic.data.features import FbankConfig
 from echoic.errors import ConfigError
 from echoic.models.asr import AsrModel
 from echoic.train.checkpoint import list_checkpoints
@@ -362,6 +366,10 @@ def test_an_all_skipped_batch_changes_nothing(tmp_path, corpus, lang):
     shortest = torch.tensor([trainer._min_frames])
     assert module.encoder.subsampling.output_lengths(shortest).item() == 2
     assert module.encoder.subsampling.output_lengths(shortest - 1).item() == 1
+    # the shortest utterance training keeps still has them after the fastest speed (1.1)
+    seconds = trainer.train_loader.dataset.config.min_duration
+    fastest = speed_perturb(np.ones(math.ceil(seconds * 16000), np.float32), 16000, 1.1)
+    assert FbankConfig().num_frames(len(fastest), 16000) >= trainer._min_frames
     before = {k: v.clone() for k, v in module.state_dict().items()}
     module.train()
     trainer._dummy_backward()

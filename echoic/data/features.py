@@ -101,6 +101,17 @@ class InputSpec:
         """Unit of `max_frames` in batching: feature frames, or 10 ms of waveform."""
         return 1000.0 / self.fbank.frame_shift_ms if self.fbank else 100.0
 
+    def seconds_for_frames(self, frames: int) -> float:
+        """The shortest audio that gives `frames` frames: fbank needs a whole window for
+        its first frame (snip_edges), a waveform frame is 1 / frames_per_second."""
+        if self.fbank is None:
+            return frames / self.frames_per_second
+        window, shift = (
+            self.fbank.window_samples(self.sample_rate),
+            self.fbank.shift_samples(self.sample_rate),
+        )
+        return (window + (frames - 1) * shift) / self.sample_rate
+
 
 FBANK_80 = InputSpec("fbank", 16000, FbankConfig())  # the default: 80-dim fbank at 16 kHz
 

@@ -82,7 +82,7 @@ def decode_manifest(
         session = OnnxCtc(onnx_model or Path(exp_dir) / "export" / ONNX_FILE, threads=threads)
     manifest = read_manifest(manifest_path)
     # Shorter than the subsampling front accepts: skipped and counted, not a crash.
-    shortest = (model.encoder.min_input_frames + 1) / model.input_spec.frames_per_second
+    shortest = model.input_spec.seconds_for_frames(model.encoder.min_input_frames)
     data = replace(
         config.data,
         max_frames=max_frames,

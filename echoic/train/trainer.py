@@ -197,9 +197,13 @@ class Trainer:
         self.model = wrap(model.to(rt.device), rt, train.distributed)
 
         data = self.config.data
-        # Nothing shorter than that may reach the model (+1: fbank's window is 2.5 shifts).
-        frame_shift = 1.0 / self.input_spec.frames_per_second
-        min_duration = max(data.min_duration, (self._min_frames + 1) * frame_shift)
+        # Nothing shorter than that may reach the model, after the fastest speed
+        # perturbation too (one sample more: resampling may round the length down).
+        fastest = max(1.0, *data.speed_perturb)
+        shortest = self.input_spec.seconds_for_frames(self._min_frames)
+        min_duration = max(
+            data.min_duration, (shortest + 1 / self.input_spec.sample_rate) * fastest
+        )
         if min_duration > data.min_duration:
             log.info(
                 "min_duration raised to %.3f s: two encoder frames need %d input frames",
