@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "synth",
         help="synthesize the built-in speech corpus",
         description="Synthesize a deterministic speech corpus (16 kHz wav + train/dev/test "
-        "manifests) from real sentences with espeak-ng and festival.",
+        "manifests) from real sentences with espeak-ng and festival, and lm_text.txt: the "
+        "train transcripts plus the sentences no split speaks, for `echoic decode --lm`.",
     )
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--lang", choices=["en", "zh"], default="en", help="English or Mandarin")
