@@ -47,10 +47,11 @@ $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/lm_text.txt
 
 demo: setup $(CORPUS)/lang_char/cmvn.json
 	$(ECHOIC) train recipes/synth_en/conf/demo.yaml --exp exp/demo
-	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method ctc_prefix_beam --beam 20 \
-		--lm $(CORPUS)/lm_text.txt --out exp/demo/decode_test
+	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method attention_rescoring --beam 20 \
+		--lm $(CORPUS)/lm_text.txt --attention-weight 0.25 --ctc-weight 0.5 --out exp/demo/decode_test
 	@echo
-	@echo "Test split, demo model (CTC prefix beam search with a trigram word LM of lm_text.txt):"
+	@echo "Test split, demo model (CTC prefix beam search with a trigram word LM of lm_text.txt,"
+	@echo "its 20 best rescored by the attention decoder):"
 	@$(ECHOIC) score --ref $(CORPUS)/test.jsonl --hyp exp/demo/decode_test/hyp.jsonl --worst 3
 	@echo
 	@echo "Transcribe your own recording (any format, rate or channels):"

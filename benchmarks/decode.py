@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--manifest", default="data/synth_en/test.jsonl")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--beam", type=int, default=10)
+    parser.add_argument("--ctc-weight", type=float, default=0.5, help="attention_rescoring")
+    parser.add_argument("--attention-weight", type=float, default=1.0, help="attention_rescoring")
     parser.add_argument("--methods", help="comma-separated subset (default: all the model has)")
     parser.add_argument("--lm", help="word LM text or manifest: adds LM rows")
     parser.add_argument("--hotwords", help="hotword file: adds hotword rows")
@@ -89,7 +91,12 @@ def main() -> None:
                     exp,
                     manifest,
                     out,
-                    DecodeOptions(method, beam=args.beam),
+                    DecodeOptions(
+                        method,
+                        beam=args.beam,
+                        ctc_weight=args.ctc_weight,
+                        attention_weight=args.attention_weight,
+                    ),
                     threads=threads,
                     runtime="onnx" if onnx_model else "torch",
                     lm=lm,
@@ -113,6 +120,11 @@ def main() -> None:
                 "utterances": summary["utterances"],
                 "manifest": str(manifest),
                 "beam": args.beam,
+                **(
+                    {"ctc_weight": args.ctc_weight, "attention_weight": args.attention_weight}
+                    if method == "attention_rescoring"
+                    else {}
+                ),
                 "exp": str(exp),
                 "machine": platform.machine(),
             }

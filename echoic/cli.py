@@ -147,6 +147,7 @@ def _decode(args: argparse.Namespace) -> None:
         method=args.method,
         beam=args.beam,
         ctc_weight=args.ctc_weight,
+        attention_weight=args.attention_weight,
         reverse_weight=args.reverse_weight,
         length_penalty=args.length_penalty,
         max_symbols_per_frame=args.max_symbols,
@@ -389,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--out", required=True, help="output folder")
     decode.add_argument("--beam", type=int, default=10)
     decode.add_argument("--ctc-weight", type=float, default=0.5, help="attention_rescoring")
+    decode.add_argument(
+        "--attention-weight",
+        type=float,
+        default=1.0,
+        help="attention_rescoring; with --lm, 0.25 and --ctc-weight 0.5 were best on dev",
+    )
     decode.add_argument(
         "--reverse-weight", type=float, default=0.0, help="attention_rescoring, right-to-left"
     )

@@ -122,17 +122,17 @@ def test_greedy_and_beam_agree_on_easy_utterances(trained, kind):
 
 
 @pytest.mark.slow
-@torch.no_grad()
 def test_rescoring_picks_the_best_combined_score(trained):
-    model, _, batches = _batches(*trained("hybrid"))
-    batch = batches[0]
+    model, _, batches = _batches(*trained("hybrid"))  # trains on first use: not under no_grad
+    with torch.no_grad():
+        _check_rescoring(model, batches[0])
+
+
+def _check_rescoring(model, batch) -> None:
     encoded, lens = model.encode(batch)
     log_probs = model.ctc.log_probs(encoded)
     for b in range(3):
         nbest = ctc_prefix_beam(log_probs[b, : lens[b]], beam=5)
-        ranked = attention_rescoring(
-            model.attention, encoded[b : b + 1], lens[b : b + 1], nbest, 0.5, 0.3
-        )
         memory, memory_len = encoded[b : b + 1], lens[b : b + 1]
         candidates = [h.tokens for h in nbest]
         left = sequence_log_probs(
@@ -146,12 +146,16 @@ def test_rescoring_picks_the_best_combined_score(trained):
             model.attention.sos_eos_id,
             reverse=True,
         )
-        combined = [
-            0.5 * h.ctc_score + 0.7 * float(l2r) + 0.3 * float(r2l)
-            for h, l2r, r2l in zip(nbest, left, right)
-        ]
-        assert ranked[0].score == pytest.approx(max(combined), abs=1e-4)
-        assert all(ranked[0].score >= h.score for h in ranked)
+        for attention_weight in (1.0, 0.25):
+            ranked = attention_rescoring(
+                model.attention, memory, memory_len, nbest, 0.5, 0.3, attention_weight
+            )
+            combined = [
+                0.5 * h.ctc_score + attention_weight * (0.7 * float(l2r) + 0.3 * float(r2l))
+                for h, l2r, r2l in zip(nbest, left, right)
+            ]
+            assert ranked[0].score == pytest.approx(max(combined), abs=1e-4)
+            assert all(ranked[0].score >= h.score for h in ranked)
 
 
 @pytest.mark.slow

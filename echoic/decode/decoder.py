@@ -38,6 +38,7 @@ class DecodeOptions:
     method: str
     beam: int = 10  # hypotheses kept (and CTC n-best size for attention_rescoring)
     ctc_weight: float = 0.5  # attention_rescoring: weight of the CTC score
+    attention_weight: float = 1.0  # attention_rescoring: weight of the attention score
     reverse_weight: float = 0.0  # attention_rescoring: weight of the right-to-left decoder
     length_penalty: float = 1.0  # attention: finished score / length ** length_penalty
     max_symbols_per_frame: int = 3  # rnnt_greedy / rnnt_beam
@@ -75,6 +76,7 @@ def _attention_rescoring(model, encoded, lens, options):
             nbest,
             options.ctc_weight,
             options.reverse_weight,
+            options.attention_weight,
         )
         for b, nbest in enumerate(nbests)
     ]

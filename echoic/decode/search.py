@@ -232,10 +232,16 @@ def attention_rescoring(
     nbest: list[Hypothesis],
     ctc_weight: float,
     reverse_weight: float,
+    attention_weight: float = 1.0,
 ) -> list[Hypothesis]:
     """Rescore one utterance's CTC n-best with the attention decoder(s):
-    ctc_weight * CTC + (1 - r) * left-to-right + r * right-to-left, plus hotword bonus.
-    Returns the n-best re-ranked by that combined score."""
+    attention_weight * ((1 - r) * left-to-right + r * right-to-left) + ctc_weight * CTC,
+    plus the prefix scorer's score (hotword bonus, word LM). Returns the n-best re-ranked
+    by that combined score.
+
+    The prefix search ranks by CTC (weight 1) + scorer, and a word LM's weight is tuned
+    for that sum: with the LM in, keep attention_weight + ctc_weight near 1 or below, or
+    the two acoustic scores together outweigh it."""
     candidates = [h.tokens for h in nbest]
     left = sequence_log_probs(head.decoder, memory, memory_len, candidates, head.sos_eos_id)
     combined = left
@@ -247,7 +253,7 @@ def attention_rescoring(
     rescored = [
         Hypothesis(
             h.tokens,
-            float(a) + ctc_weight * h.ctc_score + h.context_score,
+            attention_weight * float(a) + ctc_weight * h.ctc_score + h.context_score,
             h.ctc_score,
             h.context_score,
         )
