@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from echoic.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -68,3 +70,10 @@ def test_yaml_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         load_yaml(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("recipes/*/conf/*.yaml")))
+def test_every_recipe_config_parses(path):
+    from echoic.train.config import parse_experiment
+
+    parse_experiment(load_yaml(path), where=str(path))
