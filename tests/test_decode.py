@@ -200,6 +200,28 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_decode_cli_rescoring_weights_reach_the_search(trained, tmp_path):
+    """Attention weight 0 and CTC weight 1 leave rescoring with the prefix search's own
+    score, so both methods give the same hypotheses and scores."""
+    exp, manifest = trained("hybrid")
+    scores = {}
+    for method, weights in (
+        ("ctc_prefix_beam", []),
+        ("attention_rescoring", ["--attention-weight", "0", "--ctc-weight", "1"]),
+    ):
+        out = tmp_path / method
+        args = f"decode --exp {exp} --manifest {manifest} --method {method} --out {out}"
+        assert main([*args.split(), "--beam", "4", *weights, "--no-progress"]) == 0
+        lines = [json.loads(line) for line in (out / "hyp.jsonl").read_text().splitlines()]
+        scores[method] = {line["id"]: (line["text"], line["score"]) for line in lines}
+    plain, rescored = scores["ctc_prefix_beam"], scores["attention_rescoring"]
+    assert plain.keys() == rescored.keys()
+    for utt_id, (text, score) in plain.items():
+        assert rescored[utt_id][0] == text
+        assert rescored[utt_id][1] == pytest.approx(score, abs=1e-4)
+
+
+@pytest.mark.slow
 def test_onnx_and_torchscript_export_match_pytorch(trained, tmp_path, capsys):
     exp, manifest = trained("hybrid")
     assert main(["export", "--exp", str(exp), "--format", "onnx"]) == 0

@@ -106,7 +106,7 @@ class WordLM:
             raise EchoicError("the LM text has no words")
         total = sum(unigrams.values())
         self._unigram = {w: c / total for w, c in unigrams.items()}  # for the look-ahead
-        self._counts = self._kneser_ney_counts(top)
+        self._counts = self._kneser_ney_counts(top, order)
         self._totals: list[Counter[History]] = []
         self._types: list[Counter[History]] = []
         for counts in self._counts:
@@ -136,11 +136,13 @@ class WordLM:
             self.nodes[node].word = word_id
 
     @staticmethod
-    def _kneser_ney_counts(top: Counter[tuple[int, ...]]) -> list[Counter[tuple[int, ...]]]:
+    def _kneser_ney_counts(
+        top: Counter[tuple[int, ...]], order: int
+    ) -> list[Counter[tuple[int, ...]]]:
         """counts[n - 1] for n-grams of length n: the top order's own counts, and for each
         lower order the number of distinct words seen before the n-gram."""
         counts = [top]
-        for _ in range(len(next(iter(top))) - 1):
+        for _ in range(order - 1):
             lower: Counter[tuple[int, ...]] = Counter(ngram[1:] for ngram in counts[0])
             counts.insert(0, lower)
         return counts
