@@ -56,6 +56,8 @@ demo: setup $(CORPUS)/lang_char/cmvn.json
 	@echo
 	@echo "Transcribe your own recording (any format, rate or channels):"
 	@echo "  $(ECHOIC) transcribe --exp exp/demo my_recording.wav"
+	@echo "With the word LM, as decoded above:"
+	@echo "  $(ECHOIC) transcribe --exp exp/demo --lm $(CORPUS)/lm_text.txt --beam 20 --attention-weight 0.25 my_recording.wav"
 
 clean:
 	rm -rf $(VENV) $(DATA) exp .pytest_cache .ruff_cache *.egg-info

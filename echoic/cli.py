@@ -139,12 +139,12 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_curves(args.exp, args.out)}")
 
 
-def _decode(args: argparse.Namespace) -> None:
+def _search_options(args: argparse.Namespace, method: str):
+    """DecodeOptions from the search flags `_add_search_arguments` declares."""
     from echoic.decode.decoder import DecodeOptions
-    from echoic.decode.run import decode_manifest
 
-    options = DecodeOptions(
-        method=args.method,
+    return DecodeOptions(
+        method=method,
         beam=args.beam,
         ctc_weight=args.ctc_weight,
         attention_weight=args.attention_weight,
@@ -152,16 +152,28 @@ def _decode(args: argparse.Namespace) -> None:
         length_penalty=args.length_penalty,
         max_symbols_per_frame=args.max_symbols,
     )
+
+
+def _scorer_arguments(args: argparse.Namespace) -> dict:
+    """The hotword and word-LM flags, as `build_scorer` takes them."""
+    return {
+        "hotwords": args.hotwords,
+        "hotword_boost": args.hotword_boost,
+        "lm": args.lm,
+        "lm_weight": args.lm_weight,
+        "word_bonus": args.word_bonus,
+    }
+
+
+def _decode(args: argparse.Namespace) -> None:
+    from echoic.decode.run import decode_manifest
+
     summary = decode_manifest(
         args.exp,
         args.manifest,
         args.out,
-        options,
-        hotwords=args.hotwords,
-        hotword_boost=args.hotword_boost,
-        lm=args.lm,
-        lm_weight=args.lm_weight,
-        word_bonus=args.word_bonus,
+        _search_options(args, args.method),
+        **_scorer_arguments(args),
         checkpoint=args.checkpoint,
         average_last=args.average_last,
         max_frames=args.max_frames,
@@ -206,7 +218,12 @@ def _transcribe(args: argparse.Namespace) -> None:
     from echoic.decode.transcribe import transcribe
 
     for path, text in transcribe(
-        args.exp, args.audio, method=args.method, hotwords=args.hotwords, lm=args.lm, beam=args.beam
+        args.exp,
+        args.audio,
+        method=args.method,
+        options=_search_options(args, args.method or ""),
+        checkpoint=args.checkpoint,
+        **_scorer_arguments(args),
     ):
         print(f"{path}\t{text}" if len(args.audio) > 1 else text)
 
@@ -248,6 +265,30 @@ def _score(args: argparse.Namespace) -> None:
         )
     for utt in result["worst"]:
         print(f"  {utt['id']}: {utt['errors']} errors in {utt['ref_words']} words")
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The search settings decode and transcribe share: same flags, same defaults."""
+    parser.add_argument("--beam", type=int, default=10)
+    parser.add_argument("--ctc-weight", type=float, default=0.5, help="attention_rescoring")
+    parser.add_argument(
+        "--attention-weight",
+        type=float,
+        default=1.0,
+        help="attention_rescoring; with --lm, 0.25 and --ctc-weight 0.5 were best on dev",
+    )
+    parser.add_argument(
+        "--reverse-weight", type=float, default=0.0, help="attention_rescoring, right-to-left"
+    )
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="attention")
+    parser.add_argument("--max-symbols", type=int, default=3, help="rnnt: tokens per frame at most")
+    parser.add_argument("--hotwords", help="file: one phrase per line, optional TAB boost")
+    parser.add_argument("--hotword-boost", type=float, default=None, help="default boost per token")
+    parser.add_argument(
+        "--lm", help="word LM (character models): a text file or manifest whose sentences it learns"
+    )
+    parser.add_argument("--lm-weight", type=float, help="with --lm (default 0.4)")
+    parser.add_argument("--word-bonus", type=float, help="with --lm: score per word (default 1.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,26 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "attention_rescoring, rnnt_greedy or rnnt_beam (those the model's heads allow)",
     )
     decode.add_argument("--out", required=True, help="output folder")
-    decode.add_argument("--beam", type=int, default=10)
-    decode.add_argument("--ctc-weight", type=float, default=0.5, help="attention_rescoring")
-    decode.add_argument(
-        "--attention-weight",
-        type=float,
-        default=1.0,
-        help="attention_rescoring; with --lm, 0.25 and --ctc-weight 0.5 were best on dev",
-    )
-    decode.add_argument(
-        "--reverse-weight", type=float, default=0.0, help="attention_rescoring, right-to-left"
-    )
-    decode.add_argument("--length-penalty", type=float, default=1.0, help="attention")
-    decode.add_argument("--max-symbols", type=int, default=3, help="rnnt: tokens per frame at most")
-    decode.add_argument("--hotwords", help="file: one phrase per line, optional TAB boost")
-    decode.add_argument("--hotword-boost", type=float, default=None, help="default boost per token")
-    decode.add_argument(
-        "--lm", help="word LM (character models): a text file or manifest whose sentences it learns"
-    )
-    decode.add_argument("--lm-weight", type=float, help="with --lm (default 0.4)")
-    decode.add_argument("--word-bonus", type=float, help="with --lm: score per word (default 1.5)")
+    _add_search_arguments(decode)
     decode.add_argument(
         "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
     )
@@ -449,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--exp", required=True, help="experiment folder")
     transcribe.add_argument("audio", nargs="+", help="audio files")
     transcribe.add_argument("--method", help="decoding method (default: the best the model has)")
-    transcribe.add_argument("--hotwords", help="hotword file")
-    transcribe.add_argument("--lm", help="word LM text or manifest (character models)")
-    transcribe.add_argument("--beam", type=int, default=10)
+    _add_search_arguments(transcribe)
+    transcribe.add_argument(
+        "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
+    )
     transcribe.set_defaults(run=_transcribe)
 
     score = commands.add_parser(

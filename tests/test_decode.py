@@ -272,6 +272,46 @@ def test_transcribe_a_44k_stereo_file(trained, tmp_path, capsys):
     assert "audio file not found" in capsys.readouterr().err
 
 
+def test_transcribe_takes_decode_search_flags(trained, tmp_path, monkeypatch, capsys):
+    """transcribe's search flags are decode's, with the same meaning: they reach the
+    search (a flag parsed and dropped would leave a default here)."""
+    import echoic.decode.transcribe as transcribe_module
+    from echoic.decode.lm import WordLM
+
+    exp, manifest = trained("hybrid")
+    utterance = read_manifest(manifest).utterances[0]
+    seen = []
+
+    def spy(model, batch, options):
+        seen.append(options)
+        return decode_batch(model, batch, options)
+
+    monkeypatch.setattr(transcribe_module, "decode_batch", spy)
+    flags = "--beam 7 --attention-weight 0.25 --ctc-weight 0.6 --lm-weight 0.3 --word-bonus 2"
+    args = ["transcribe", "--exp", str(exp), *flags.split(), "--lm", str(manifest)]
+    assert main([*args, str(utterance.audio)]) == 0
+    (options,) = seen
+    assert options.method == "attention_rescoring"  # the best the hybrid model has
+    assert (options.beam, options.attention_weight, options.ctc_weight) == (7, 0.25, 0.6)
+    assert isinstance(options.context, WordLM)
+    assert (options.context.weight, options.context.word_bonus) == (0.3, 2.0)
+    assert capsys.readouterr().out.strip() == utterance.text
+
+
+def test_transcribe_accepts_the_shortest_audio_the_encoder_takes(trained, tmp_path, capsys):
+    """min_input_frames fbank frames give one encoder frame: transcribed; one fewer is a
+    one-line error."""
+    exp, _ = trained("hybrid")
+    model, _, _ = load_experiment_model(exp)
+    spec = model.input_spec
+    shortest = round(spec.seconds_for_frames(model.encoder.min_input_frames) * spec.sample_rate)
+    for samples, status in [(shortest, 0), (shortest - 10, 2)]:
+        path = tmp_path / f"{samples}.wav"
+        sf.write(path, np.full(samples, 0.1, dtype=np.float32), spec.sample_rate)
+        assert main(["transcribe", "--exp", str(exp), str(path)]) == status
+    assert "too short to transcribe" in capsys.readouterr().err
+
+
 def test_an_utterance_too_short_for_the_encoder_is_skipped_not_a_crash(trained, tmp_path, caplog):
     """0.0844 s gives 6 fbank frames, one fewer than the subsampling front needs."""
     exp, _ = trained("hybrid")

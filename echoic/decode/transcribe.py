@@ -31,15 +31,33 @@ def transcribe(
     audio_paths: list[str],
     *,
     method: str | None = None,
+    options: DecodeOptions | None = None,
     hotwords: str | None = None,
+    hotword_boost: float | None = None,
     lm: str | None = None,
-    beam: int = 10,
+    lm_weight: float | None = None,
+    word_bonus: float | None = None,
     checkpoint: str | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """(path, text) for each file, in order. An unreadable file is a one-line error."""
+    """(path, text) for each file, in order. An unreadable file is a one-line error.
+
+    `options` are the search settings of `echoic decode` (beam, rescoring weights...);
+    their method is replaced by `method`, or by the best the model has when that is
+    None."""
     model, tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
-    options = DecodeOptions(method=method or default_method(model), beam=beam)
-    options = replace(options, context=build_scorer(tokenizer, hotwords=hotwords, lm=lm))
+    scorer = build_scorer(
+        tokenizer,
+        hotwords=hotwords,
+        hotword_boost=hotword_boost,
+        lm=lm,
+        lm_weight=lm_weight,
+        word_bonus=word_bonus,
+    )
+    options = replace(
+        options or DecodeOptions(method=""),
+        method=method or default_method(model),
+        context=scorer,
+    )
     check_options(model, options)
     spec = model.input_spec
     if spec.kind != "fbank":
@@ -52,7 +70,8 @@ def transcribe(
         feats = torch.from_numpy(
             compute_fbank(samples, spec.sample_rate, replace(spec.fbank, dither=0.0))
         )
-        if feats.shape[0] <= model.encoder.min_input_frames:
+        # min_input_frames gives one encoder frame, which is enough to decode.
+        if feats.shape[0] < model.encoder.min_input_frames:
             raise EchoicError(
                 f"{path}: {samples.shape[0] / spec.sample_rate:.2f} s is too short to transcribe"
             )
