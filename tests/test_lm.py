@@ -54,6 +54,18 @@ def test_probabilities_sum_to_one_for_any_history(tokenizer, order):
         assert total == pytest.approx(1.0), history
 
 
+def test_the_log_prob_cache_is_bounded_and_changes_no_value(tokenizer):
+    reference = WordLM(SENTENCES, tokenizer)
+    bounded = WordLM(SENTENCES, tokenizer)
+    bounded.cache_entries = 3
+    queries = list(itertools.product(range(len(reference.words)), repeat=3))
+    for word, *history in queries * 2:
+        value = bounded.log_prob(word, tuple(history))
+        assert value == reference.log_prob(word, tuple(history))
+        assert len(bounded._cache) <= 3
+    assert len(reference._cache) == len(queries)
+
+
 def test_kneser_ney_prefers_a_seen_continuation_and_backs_off(tokenizer):
     lm = WordLM(SENTENCES, tokenizer)
     ids = {w: i for i, w in enumerate(lm.words)}

@@ -69,6 +69,8 @@ def read_lm_text(path: str | Path) -> list[str]:
 class WordLM:
     """States are (history, lexicon node id); word id 0 is <s>/<unk>."""
 
+    cache_entries = 1_000_000  # ~180 MB at most; a 500-utterance decode fills ~65,000
+
     def __init__(
         self,
         sentences: Iterable[str],
@@ -170,6 +172,10 @@ class WordLM:
             kept = max(self._counts[n].get((*context, word), 0) - DISCOUNT, 0.0) / seen
             prob = kept + DISCOUNT * self._types[n][context] / seen * prob
         value = math.log(prob) if prob > 0 else -math.inf
+        if len(self._cache) >= self.cache_entries:
+            # Pure values: dropping them all costs only recomputation, and keeps a
+            # long-lived decoder (a server) from growing without end.
+            self._cache.clear()
         self._cache[key] = value
         return value
 
