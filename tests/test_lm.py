@@ -89,6 +89,37 @@ def test_a_word_outside_the_lexicon_pays_the_penalty_once(tokenizer):
         assert _walk(lm, tokenizer.encode(sentence)) == pytest.approx(expected), sentence
 
 
+def test_a_hotword_the_text_lacks_joins_the_lexicon_without_the_penalty(tokenizer, tmp_path):
+    lm = WordLM(
+        SENTENCES, tokenizer, weight=0.5, word_bonus=1.0, oov_penalty=-7.0, extra_words=["kit"]
+    )
+    ids = {w: i for i, w in enumerate(lm.words)}
+    after = (ids["the"], 0)  # like an OOV word, it leaves <s> in the history
+    expected = 0.5 * (lm.log_prob(ids["the"]) + lm.unlisted_log_prob + lm.log_prob(END, after))
+    assert _walk(lm, tokenizer.encode("the kit")) == pytest.approx(expected + 2 * 1.0)
+    # as frequent as the rarest word of the text: "a" and "home" are 1 of 17 tokens (</s>
+    # included)
+    assert lm.unlisted_log_prob == pytest.approx(math.log(1 / 17))
+    # a near miss still leaves the lexicon and pays the penalty
+    near_miss = 0.5 * (lm.log_prob(ids["the"]) + lm.log_prob(END, after)) - 7.0 + 1.0
+    assert _walk(lm, tokenizer.encode("the kat")) == pytest.approx(near_miss)
+    # build_scorer hands the hotword list's words to the LM
+    from echoic.decode.decoder import build_scorer
+
+    (tmp_path / "hotwords.txt").write_text("kit\n")
+    (tmp_path / "lm.txt").write_text("\n".join(SENTENCES) + "\n")
+    scorer = build_scorer(
+        tokenizer,
+        hotwords=tmp_path / "hotwords.txt",
+        lm=tmp_path / "lm.txt",
+        lm_weight=0.5,
+        word_bonus=1.0,
+    )
+    _, built = scorer.scorers
+    assert built.unlisted_log_prob == lm.unlisted_log_prob
+    assert _walk(built, tokenizer.encode("the kit")) == pytest.approx(expected + 2 * 1.0)
+
+
 def test_the_lm_pulls_a_misspelling_back_to_a_word(tokenizer):
     # Frames spell "the ?at" with "k" a little more likely than "c" at the fourth letter.
     spelled = tokenizer.encode("the cat")

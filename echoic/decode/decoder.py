@@ -156,13 +156,18 @@ def build_scorer(
     file, a word LM from a text or manifest (weights default to the tuned ones), both,
     or None."""
     scorers: list = []
+    phrases: list[str] = []
     if hotwords is not None:
         kwargs = {"default_boost": hotword_boost} if hotword_boost is not None else {}
-        scorers.append(ContextGraph.build(read_hotwords(hotwords, **kwargs), tokenizer))
+        entries = read_hotwords(hotwords, **kwargs)
+        scorers.append(ContextGraph.build(entries, tokenizer))
+        phrases = [entry.phrase for entry in entries]
     if lm is not None:
         weight = LM_WEIGHT if lm_weight is None else lm_weight
         bonus = WORD_BONUS if word_bonus is None else word_bonus
-        scorers.append(WordLM.from_file(lm, tokenizer, weight=weight, word_bonus=bonus))
+        scorers.append(
+            WordLM.from_file(lm, tokenizer, weight=weight, word_bonus=bonus, extra_words=phrases)
+        )
     if not scorers:
         return None
     return scorers[0] if len(scorers) == 1 else ScorerSum(scorers)

@@ -15,7 +15,10 @@ plugs into the searches exactly like the hotword graph (`initial_state`, `step`,
   given the previous words, plus a per-word bonus that offsets the LM's preference for
   fewer, shorter words;
 - a spelling that leaves the lexicon pays `oov_penalty` once and continues freely to
-  the next boundary, so words the LM never saw (a hotword, a name) stay reachable.
+  the next boundary, so words the LM never saw (a name) stay reachable;
+- hotwords the text lacks join the lexicon (`extra_words`) as unlisted words: as likely
+  as the rarest word of the text, without the OOV penalty, so that the LM does not
+  cancel the hotword boost it is decoded with.
 
 N-gram: interpolated Kneser-Ney with one absolute discount (Chen and Goodman): the top
 order uses counts, lower orders count distinct left contexts, an unseen history backs
@@ -44,6 +47,7 @@ WORD_BONUS = 1.5
 OOV = -1  # node id of "spelling outside the lexicon until the next boundary"
 END = -2  # word id of </s> in the counts and in log_prob
 START = 0  # word id of <s>, which also stands for "after an OOV word" in a history
+UNLISTED = -3  # word id of an extra lexicon word (a hotword) the LM text lacks
 
 History = tuple[int, ...]  # the previous order - 1 word ids, oldest first
 
@@ -79,6 +83,7 @@ class WordLM:
         word_bonus: float = WORD_BONUS,
         oov_penalty: float = -10.0,
         order: int = LM_ORDER,
+        extra_words: Iterable[str] = (),
     ) -> None:
         if tokenizer.kind != "char" or WORD_BOUNDARY not in tokenizer.tokens:
             raise EchoicError(
@@ -121,20 +126,31 @@ class WordLM:
         self._cache: dict[tuple[int, History], float] = {}
         self.nodes = [_Node()]
         for word_id, word in enumerate(self.words[1:], start=1):
-            tokens = tokenizer.encode(word)
-            if tokenizer.unk_id in tokens:
-                continue  # the model cannot spell it: leave it to the OOV path
-            logp = math.log(self._unigram[word_id])
-            node = 0
-            self.nodes[0].lookahead = max(self.nodes[0].lookahead, logp)
-            for token in tokens:
-                child = self.nodes[node].children.get(token)
-                if child is None:
-                    child = len(self.nodes)
-                    self.nodes.append(_Node())
-                    self.nodes[node].children[token] = child
-                node = child
-                self.nodes[node].lookahead = max(self.nodes[node].lookahead, logp)
+            self._insert(tokenizer, word, word_id, math.log(self._unigram[word_id]))
+        # Words the text lacks but the user names (hotwords): in the lexicon, without
+        # the OOV penalty, each as likely as the rarest word of the text and with no
+        # n-gram context, like an OOV word.
+        self.unlisted_log_prob = math.log(min(self._unigram.values()))
+        for word in dict.fromkeys(w for phrase in extra_words for w in phrase.split()):
+            if word not in index:
+                self._insert(tokenizer, word, UNLISTED, self.unlisted_log_prob)
+
+    def _insert(self, tokenizer: Tokenizer, word: str, word_id: int, logp: float) -> None:
+        """Add a word's spelling to the lexicon tree, updating the look-aheads on its way."""
+        tokens = tokenizer.encode(word)
+        if tokenizer.unk_id in tokens:
+            return  # the model cannot spell it: leave it to the OOV path
+        node = 0
+        self.nodes[0].lookahead = max(self.nodes[0].lookahead, logp)
+        for token in tokens:
+            child = self.nodes[node].children.get(token)
+            if child is None:
+                child = len(self.nodes)
+                self.nodes.append(_Node())
+                self.nodes[node].children[token] = child
+            node = child
+            self.nodes[node].lookahead = max(self.nodes[node].lookahead, logp)
+        if self.nodes[node].word is None:
             self.nodes[node].word = word_id
 
     @staticmethod
@@ -193,6 +209,9 @@ class WordLM:
         lookahead = self.nodes[node].lookahead
         if word is None:  # a prefix of lexicon words, not a word itself
             return self.oov_penalty - self.weight * lookahead, self._advance(history, START)
+        if word == UNLISTED:
+            change = self.weight * (self.unlisted_log_prob - lookahead) + self.word_bonus
+            return change, self._advance(history, START)
         change = self.weight * (self.log_prob(word, history) - lookahead) + self.word_bonus
         return change, self._advance(history, word)
 
