@@ -27,6 +27,7 @@ from echoic.decode.context import read_hotwords
 from echoic.decode.decoder import (
     METHODS,
     DecodeOptions,
+    ScorerSettings,
     available_methods,
     load_experiment_model,
 )
@@ -99,8 +100,7 @@ def main() -> None:
                     ),
                     threads=threads,
                     runtime="onnx" if onnx_model else "torch",
-                    lm=lm,
-                    hotwords=hotwords,
+                    scorer=ScorerSettings(hotwords=hotwords, lm=lm),
                     onnx_model=onnx_model,
                     num_workers=0,
                     progress=False,

@@ -154,15 +154,17 @@ def _search_options(args: argparse.Namespace, method: str):
     )
 
 
-def _scorer_arguments(args: argparse.Namespace) -> dict:
-    """The hotword and word-LM flags, as `build_scorer` takes them."""
-    return {
-        "hotwords": args.hotwords,
-        "hotword_boost": args.hotword_boost,
-        "lm": args.lm,
-        "lm_weight": args.lm_weight,
-        "word_bonus": args.word_bonus,
-    }
+def _scorer_settings(args: argparse.Namespace):
+    """The hotword and word-LM flags, as decode and transcribe take them."""
+    from echoic.decode.decoder import ScorerSettings
+
+    return ScorerSettings(
+        hotwords=args.hotwords,
+        hotword_boost=args.hotword_boost,
+        lm=args.lm,
+        lm_weight=args.lm_weight,
+        word_bonus=args.word_bonus,
+    )
 
 
 def _decode(args: argparse.Namespace) -> None:
@@ -173,7 +175,7 @@ def _decode(args: argparse.Namespace) -> None:
         args.manifest,
         args.out,
         _search_options(args, args.method),
-        **_scorer_arguments(args),
+        scorer=_scorer_settings(args),
         checkpoint=args.checkpoint,
         average_last=args.average_last,
         max_frames=args.max_frames,
@@ -223,7 +225,7 @@ def _transcribe(args: argparse.Namespace) -> None:
         method=args.method,
         options=_search_options(args, args.method or ""),
         checkpoint=args.checkpoint,
-        **_scorer_arguments(args),
+        scorer=_scorer_settings(args),
     ):
         print(f"{path}\t{text}" if len(args.audio) > 1 else text)
 

@@ -7,7 +7,7 @@ model supports, and asking for another is a one-line error listing those.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -141,6 +141,22 @@ def check_options(model: AsrModel, options: DecodeOptions) -> None:
         )
     if options.beam < 1:
         raise EchoicError("--beam must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """What the prefix scorer is made of, as `echoic decode` and `transcribe` take it:
+    a hotword file and its default boost, a word-LM text and its weights (None: the
+    tuned defaults). `build` makes the scorer; nothing given builds None."""
+
+    hotwords: str | Path | None = None
+    hotword_boost: float | None = None
+    lm: str | Path | None = None
+    lm_weight: float | None = None
+    word_bonus: float | None = None
+
+    def build(self, tokenizer: Tokenizer) -> ContextGraph | WordLM | ScorerSum | None:
+        return build_scorer(tokenizer, **asdict(self))
 
 
 def build_scorer(

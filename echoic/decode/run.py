@@ -19,7 +19,7 @@ from echoic.data.dataset import build_loader
 from echoic.data.manifest import read_manifest
 from echoic.decode.decoder import (
     DecodeOptions,
-    build_scorer,
+    ScorerSettings,
     check_options,
     decode_batch,
     decode_ctc_log_probs,
@@ -39,11 +39,7 @@ def decode_manifest(
     out_dir: str | Path,
     options: DecodeOptions,
     *,
-    hotwords: str | Path | None = None,
-    hotword_boost: float | None = None,
-    lm: str | Path | None = None,
-    lm_weight: float | None = None,
-    word_bonus: float | None = None,
+    scorer: ScorerSettings | None = None,
     checkpoint: str | None = None,
     average_last: int | None = None,
     max_frames: int = 20000,
@@ -55,23 +51,17 @@ def decode_manifest(
 ) -> dict:
     """Decode every utterance; returns a summary with real-time factor and speed.
 
-    `runtime="onnx"` runs the exported encoder + CTC (`echoic export`) in onnxruntime
-    for the CTC searches instead of the PyTorch model."""
+    `scorer` names the hotwords and word LM the search adds. `runtime="onnx"` runs the
+    exported encoder + CTC (`echoic export`) in onnxruntime for the CTC searches
+    instead of the PyTorch model."""
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer, config = load_experiment_model(
         exp_dir, checkpoint=checkpoint, average_last=average_last
     )
-    scorer = build_scorer(
-        tokenizer,
-        hotwords=hotwords,
-        hotword_boost=hotword_boost,
-        lm=lm,
-        lm_weight=lm_weight,
-        word_bonus=word_bonus,
-    )
-    if scorer is not None:  # else keep whatever context the caller's options carry
-        options = replace(options, context=scorer)
+    context = (scorer or ScorerSettings()).build(tokenizer)
+    if context is not None:  # else keep whatever context the caller's options carry
+        options = replace(options, context=context)
     check_options(model, options)
     session = None
     if runtime == "onnx":

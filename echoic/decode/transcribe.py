@@ -17,7 +17,7 @@ from echoic.data.dataset import Batch
 from echoic.data.features import compute_fbank
 from echoic.decode.decoder import (
     DecodeOptions,
-    build_scorer,
+    ScorerSettings,
     check_options,
     decode_batch,
     default_method,
@@ -32,31 +32,19 @@ def transcribe(
     *,
     method: str | None = None,
     options: DecodeOptions | None = None,
-    hotwords: str | None = None,
-    hotword_boost: float | None = None,
-    lm: str | None = None,
-    lm_weight: float | None = None,
-    word_bonus: float | None = None,
+    scorer: ScorerSettings | None = None,
     checkpoint: str | None = None,
 ) -> Iterator[tuple[str, str]]:
     """(path, text) for each file, in order. An unreadable file is a one-line error.
 
     `options` are the search settings of `echoic decode` (beam, rescoring weights...);
     their method is replaced by `method`, or by the best the model has when that is
-    None."""
+    None. `scorer` names the hotwords and word LM the search adds."""
     model, tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
-    scorer = build_scorer(
-        tokenizer,
-        hotwords=hotwords,
-        hotword_boost=hotword_boost,
-        lm=lm,
-        lm_weight=lm_weight,
-        word_bonus=word_bonus,
-    )
     options = replace(
         options or DecodeOptions(method=""),
         method=method or default_method(model),
-        context=scorer,
+        context=(scorer or ScorerSettings()).build(tokenizer),
     )
     check_options(model, options)
     spec = model.input_spec
