@@ -39,7 +39,7 @@ CORPUS := $(DATA)/synth_en
 # (Ctrl-C saves a checkpoint first).
 # lm_text.txt is the last file synth writes: a corpus from before it existed is redone.
 $(CORPUS)/lm_text.txt: | python system
-	$(ECHOIC) synth --out $(CORPUS) --num-utts 10000 --hotword-test --jobs $(JOBS)
+	$(ECHOIC) synth --out $(CORPUS) --num-utts 13000 --hotword-test --jobs $(JOBS)
 
 $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/lm_text.txt
 	$(ECHOIC) prepare --manifest $(CORPUS)/train.jsonl --tokenizer char --out $(CORPUS)/lang_char \
