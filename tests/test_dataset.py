@@ -105,9 +105,27 @@ def test_feature_cache_gives_the_uncached_batches_and_skips_fbank_later(
     assert "feature cache" in caplog.text and cached.dataset.cache_bytes > 0
 
 
-def test_feature_cache_needs_no_workers_and_no_dither(corpus):
-    with pytest.raises(ValueError, match="num_workers 0"):
-        _config(feature_cache=True, num_workers=2)
+def test_feature_cache_filled_by_workers_gives_the_same_batches(corpus, monkeypatch, caplog):
+    import echoic.data.dataset as dataset_module
+
+    calls = []  # fbank computed in this process; the forked workers append to their own copy
+    real = dataset_module.compute_fbank
+    monkeypatch.setattr(dataset_module, "compute_fbank", lambda *a: calls.append(1) or real(*a))
+    plain, filled = _setup(corpus), _setup(corpus, feature_cache=True, num_workers=2)
+    for epoch in range(2):
+        plain.sampler.set_position(epoch)
+        filled.sampler.set_position(epoch, 3)  # a resumed pass fills only what it will load
+        expected = list(plain)[3:]
+        calls.clear()
+        with caplog.at_level(logging.INFO):
+            _assert_same(list(filled), expected)
+        assert not calls
+    wanted = {(i, round(d, 6)) for b in expected for i, d in zip(b.ids, b.durations)}
+    assert len(filled.dataset.cache) >= len(wanted)
+    assert "feature cache: computed" in caplog.text
+
+
+def test_feature_cache_needs_no_dither(corpus):
     manifest = read_manifest(corpus / "train.jsonl")
     dithered = InputSpec("fbank", 16000, FbankConfig(dither=1.0))
     with pytest.raises(ValueError, match="dither"):
@@ -188,10 +206,12 @@ def _bad_corpus(tmp_path, corpus):
     return read_manifest(path), good
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_bad_input_is_skipped_counted_and_summarised(tmp_path, corpus, caplog, workers):
+@pytest.mark.parametrize(
+    "loading", [{"num_workers": 0}, {"num_workers": 2}, {"num_workers": 2, "feature_cache": True}]
+)
+def test_bad_input_is_skipped_counted_and_summarised(tmp_path, corpus, caplog, loading):
     manifest, good = _bad_corpus(tmp_path, corpus)
-    config = _config(max_duration=30.0, min_duration=0.15, num_workers=workers)
+    config = _config(max_duration=30.0, min_duration=0.15, **loading)
     tokenizer = CharTokenizer.train(["a b", *(u.text for u in good)])
     loader = build_loader(manifest, tokenizer, config, seed=0, train=False)
     caplog.set_level(logging.INFO)

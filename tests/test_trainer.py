@@ -232,11 +232,10 @@ def test_config_errors_are_one_line(tmp_path, corpus, lang):
             and len(done.stderr.strip().splitlines()) == 1
         )
     for overrides, message in [
-        (["data.feature_cache=true", "data.num_workers=2"], "set num_workers 0 with it"),
         (
             [
                 "data.feature_cache=true",
-                "data.num_workers=0",
+                "data.num_workers=2",
                 "model.frontend.fbank.fbank.dither=1",
             ],
             "data.feature_cache needs model.frontend.fbank.fbank.dither 0",

@@ -9,10 +9,13 @@ raises the one error the config asks to be fatal (missing audio, when
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import signal
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,13 +50,15 @@ class DataConfig:
     num_buckets: int = 20  # duration buckets: more means less padding, less randomness
     min_duration: float = 0.1  # seconds; shorter utterances are skipped and counted
     max_duration: float = 30.0  # seconds; longer utterances are skipped and counted
-    num_workers: int = 2  # data-loading processes (results do not depend on it)
+    # data-loading processes (results do not depend on it); with feature_cache, the
+    # processes that compute what the cache lacks at the start of each pass
+    num_workers: int = 2
     on_missing_audio: Literal["skip", "error"] = "skip"  # a missing file is skipped or fatal
     # Keep each utterance's features (before SpecAugment; one copy per speed factor) in
     # memory after the first pass, so later epochs skip audio reading and fbank: about
     # 115 MB per hour of audio at 80 bins. Exact (batches equal the uncached ones), so
-    # it needs features that are a pure function of the audio: no dither, and the
-    # loading in this process (num_workers 0), where the cache lives.
+    # it needs features that are a pure function of the audio: no dither. The cache
+    # lives in this process; num_workers processes fill it before each pass.
     feature_cache: bool = False
 
     def __post_init__(self) -> None:
@@ -65,10 +70,6 @@ class DataConfig:
             raise ValueError("min_duration is larger than max_duration")
         if self.num_workers < 0:
             raise ValueError("num_workers must not be negative")
-        if self.feature_cache and self.num_workers:
-            raise ValueError(
-                "feature_cache keeps features in the loading process: set num_workers 0 with it"
-            )
 
 
 @dataclass(frozen=True)
@@ -176,11 +177,7 @@ class AsrDataset:
                 raise AudioError(EMPTY_TEXT, "empty transcript")
             tokens = self.tokenizer.encode(utterance.text)
             unknown.update(self.tokenizer.unknown_chars(utterance.text))
-        factor = None  # no speed perturbation
-        if self.augment and len(config.speed_perturb) > 1:
-            factor = float(
-                make_rng(self.seed, epoch, utterance.id, "speed").choice(config.speed_perturb)
-            )
+        factor = self._speed_factor(utterance, epoch)
         key = (utterance.id, factor or 1.0)
         cached = self.cache.get(key) if self.cache is not None else None
         array, seconds = cached if cached is not None else self._features(utterance, epoch, factor)
@@ -196,6 +193,47 @@ class AsrDataset:
             array = spec_augment(array, config.spec_augment, rng)
         item["feats"] = array
         return item
+
+    def _speed_factor(self, utterance, epoch: int) -> float | None:
+        """The utterance's speed factor in `epoch`; None without speed perturbation."""
+        speeds = self.config.speed_perturb
+        if not self.augment or len(speeds) == 1:
+            return None
+        return float(make_rng(self.seed, epoch, utterance.id, "speed").choice(speeds))
+
+    def fill_cache(self, plans: Iterable[BatchPlan], jobs: int) -> int:
+        """Compute with `jobs` processes the features the cache lacks for `plans`; returns
+        how many entries it added. The first epoch would otherwise compute them one by one
+        in the training process. An utterance that fails to load is left out: the pass
+        loads it again, and skips and counts it there."""
+        if self.cache is None:
+            return 0
+        wanted: dict[tuple[str, float], tuple[int, int, float | None]] = {}
+        for plan in plans:
+            for index in plan.utterances:
+                utterance = self.manifest.utterances[index]
+                factor = self._speed_factor(utterance, plan.epoch)
+                key = (utterance.id, factor or 1.0)
+                if key not in self.cache:
+                    wanted[key] = (index, plan.epoch, factor)
+        if not wanted:
+            return 0
+        global _FILLING
+        _FILLING = self  # forked workers read it instead of unpickling the dataset
+        work = list(wanted.items())
+        chunks = [work[i : i + 64] for i in range(0, len(work), 64)]
+        added = 0
+        try:
+            context = multiprocessing.get_context("fork")
+            with context.Pool(jobs, initializer=_worker_init) as pool:
+                for results in pool.imap(_fill_chunk, chunks):
+                    for key, (array, seconds) in results:
+                        array.setflags(write=False)
+                        self.cache[key] = (array, seconds)
+                        added += 1
+        finally:
+            _FILLING = None
+        return added
 
     def _features(self, utterance, epoch: int, factor: float | None) -> tuple[np.ndarray, float]:
         """(fbank features, or samples for waveform input; seconds of audio after speed
@@ -335,7 +373,20 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def _worker_init(_worker_id: int) -> None:
+_FILLING: AsrDataset | None = None  # the dataset whose cache `fill_cache` is filling
+
+
+def _fill_chunk(chunk: list) -> list:
+    dataset, results = _FILLING, []
+    for key, (index, epoch, factor) in chunk:
+        utterance = dataset.manifest.utterances[index]
+        # A failure is left for the pass itself, which loads it again and counts the skip.
+        with contextlib.suppress(AudioError):
+            results.append((key, dataset._features(utterance, epoch, factor)))
+    return results
+
+
+def _worker_init(_worker_id: int = 0) -> None:
     # Workers do numpy work; one torch thread each keeps them from fighting over cores.
     torch.set_num_threads(1)
     # A SIGTERM or SIGINT sent to the whole process group (timeout, a scheduler's
@@ -377,14 +428,28 @@ class BatchLoader:
                 where = manifest.where(indices[0])
                 example = f"{where}: {first.id}: manifest duration {first.duration} s"
                 report.add_excluded(reason, len(indices), example)
+        workers = self.num_workers
+        if self.dataset.cache is not None:
+            if workers:
+                start = time.perf_counter()
+                added = self.dataset.fill_cache(self.sampler, workers)
+                if added:
+                    log.info(
+                        "%s feature cache: computed %d entries with %d processes in %.1f s",
+                        self.name,
+                        added,
+                        workers,
+                        time.perf_counter() - start,
+                    )
+            workers = 0  # the batches come from the cache, in this process
         loader = torch.utils.data.DataLoader(
             self.dataset,
             sampler=self.sampler,
             batch_size=None,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=_identity,
-            worker_init_fn=_worker_init if self.num_workers else None,
-            prefetch_factor=2 if self.num_workers else None,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=2 if workers else None,
             # A generator of its own: otherwise starting the workers draws from torch's
             # global generator, and model randomness would depend on when passes start.
             generator=torch.Generator(),
