@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
-import signal
+import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,6 +28,7 @@ from echoic.data.features import FBANK_80, FbankConfig, InputSpec, compute_fbank
 from echoic.data.manifest import Manifest
 from echoic.data.sampler import TOO_SHORT, BatchPlan, BucketBatchSampler
 from echoic.data.tokenizer import Tokenizer
+from echoic.data.workers import WorkerError, fork_map, ignore_stop_signals
 from echoic.errors import AudioError, ManifestError
 from echoic.seeding import make_rng
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 IGNORE_ID = -1  # padding value of `Batch.tokens`
 EMPTY_TEXT = "empty_text"
+
+FILL_CHUNK = 64  # utterances a feature-cache worker computes per message
 
 
 @dataclass(frozen=True)
@@ -201,11 +204,17 @@ class AsrDataset:
             return None
         return float(make_rng(self.seed, epoch, utterance.id, "speed").choice(speeds))
 
-    def fill_cache(self, plans: Iterable[BatchPlan], jobs: int) -> int:
+    def fill_cache(
+        self,
+        plans: Iterable[BatchPlan],
+        jobs: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> int:
         """Compute with `jobs` processes the features the cache lacks for `plans`; returns
         how many entries it added. The first epoch would otherwise compute them one by one
         in the training process. An utterance that fails to load is left out: the pass
-        loads it again, and skips and counts it there."""
+        loads it again, and skips and counts it there. When `should_stop` turns True (a
+        stop request) the fill ends early: the pass computes what is missing itself."""
         if self.cache is None:
             return 0
         wanted: dict[tuple[str, float], tuple[int, int, float | None]] = {}
@@ -221,16 +230,22 @@ class AsrDataset:
         global _FILLING
         _FILLING = self  # forked workers read it instead of unpickling the dataset
         work = list(wanted.items())
-        chunks = [work[i : i + 64] for i in range(0, len(work), 64)]
+        chunks = [work[i : i + FILL_CHUNK] for i in range(0, len(work), FILL_CHUNK)]
         added = 0
         try:
-            context = multiprocessing.get_context("fork")
-            with context.Pool(jobs, initializer=_worker_init) as pool:
-                for results in pool.imap(_fill_chunk, chunks):
-                    for key, (array, seconds) in results:
-                        array.setflags(write=False)
-                        self.cache[key] = (array, seconds)
-                        added += 1
+            results = fork_map(
+                _fill_chunk,
+                chunks,
+                jobs,
+                initializer=_worker_init,
+                should_stop=should_stop,
+                name="feature cache",
+            )
+            for chunk_results in results:
+                for key, (array, seconds) in chunk_results:
+                    array.setflags(write=False)
+                    self.cache[key] = (array, seconds)
+                    added += 1
         finally:
             _FILLING = None
         return added
@@ -377,6 +392,11 @@ _FILLING: AsrDataset | None = None  # the dataset whose cache `fill_cache` is fi
 
 
 def _fill_chunk(chunk: list) -> list:
+    pause = os.environ.get("ECHOIC_PAUSE_IN_CACHE_FILL")
+    if pause:  # test hook: a fill that never ends, to signal the run from outside
+        Path(pause).touch()
+        while True:
+            time.sleep(1)
     dataset, results = _FILLING, []
     for key, (index, epoch, factor) in chunk:
         utterance = dataset.manifest.utterances[index]
@@ -389,11 +409,7 @@ def _fill_chunk(chunk: list) -> list:
 def _worker_init(_worker_id: int = 0) -> None:
     # Workers do numpy work; one torch thread each keeps them from fighting over cores.
     torch.set_num_threads(1)
-    # A SIGTERM or SIGINT sent to the whole process group (timeout, a scheduler's
-    # preemption, Ctrl-C) is the main process's to handle: it saves a checkpoint and
-    # then stops the workers. Workers dying first would crash the main loop instead.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_stop_signals()
 
 
 class BatchLoader:
@@ -415,6 +431,8 @@ class BatchLoader:
         self.num_workers = num_workers
         self.name = name
         self.last_report: PassReport | None = None
+        # The trainer's stop request: a feature-cache fill ends early when it turns True.
+        self.should_stop: Callable[[], bool] | None = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -432,7 +450,14 @@ class BatchLoader:
         if self.dataset.cache is not None:
             if workers:
                 start = time.perf_counter()
-                added = self.dataset.fill_cache(self.sampler, workers)
+                try:
+                    added = self.dataset.fill_cache(self.sampler, workers, self.should_stop)
+                except WorkerError as error:
+                    # The cache is only a speed-up: the pass computes what is missing.
+                    log.warning(
+                        "%s feature cache fill failed, continuing without: %s", self.name, error
+                    )
+                    added = 0
                 if added:
                     log.info(
                         "%s feature cache: computed %d entries with %d processes in %.1f s",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 from collections import Counter
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from echoic.data.audio import load_audio
 from echoic.data.features import CmvnStats, FbankConfig, compute_fbank
 from echoic.data.manifest import Manifest, read_manifest
 from echoic.data.tokenizer import BpeTokenizer, CharTokenizer, Tokenizer
+from echoic.data.workers import fork_map
 from echoic.errors import AudioError, EchoicError
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,7 @@ def compute_cmvn(
     stats = CmvnStats.empty(sample_rate, fbank)
     skipped: list[tuple[str, str, str]] = []
     with tqdm(total=len(items), desc="cmvn", unit="utt", disable=not progress) as bar:
-        if jobs > 1:
-            with multiprocessing.get_context("fork").Pool(jobs) as pool:
-                results = list(_ordered(pool.imap(_cmvn_chunk, work), bar))
-        else:
-            results = list(_ordered(map(_cmvn_chunk, work), bar))
+        results = list(_ordered(fork_map(_cmvn_chunk, work, jobs, name="cmvn"), bar))
     for chunk_stats, chunk_skipped, _ in results:
         stats.merge(chunk_stats)
         skipped.extend(chunk_skipped)
