@@ -38,21 +38,31 @@ CORPUS := $(DATA)/synth_en
 # File targets: a rerun skips what is done, and training resumes where it stopped
 # (Ctrl-C saves a checkpoint first).
 # lm_text.txt is the last file synth writes: a corpus from before it existed is redone.
+# So is one from before test_open.jsonl: its dev and test splits were drawn differently.
+ifeq ($(wildcard $(CORPUS)/test_open.jsonl),)
+$(shell rm -f $(CORPUS)/lm_text.txt)
+endif
 $(CORPUS)/lm_text.txt: | python system
 	$(ECHOIC) synth --out $(CORPUS) --num-utts 13000 --hotword-test --jobs $(JOBS)
 
 $(CORPUS)/lang_char/cmvn.json: $(CORPUS)/lm_text.txt
 	$(ECHOIC) prepare --manifest $(CORPUS)/train.jsonl --tokenizer char --out $(CORPUS)/lang_char \
-		--report-on $(CORPUS)/dev.jsonl $(CORPUS)/test.jsonl --jobs $(JOBS)
+		--report-on $(CORPUS)/dev.jsonl $(CORPUS)/test.jsonl $(CORPUS)/test_open.jsonl --jobs $(JOBS)
 
 demo: setup $(CORPUS)/lang_char/cmvn.json
 	$(ECHOIC) train recipes/synth_en/conf/demo.yaml --exp exp/demo
 	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test.jsonl --method attention_rescoring --beam 20 \
 		--lm $(CORPUS)/lm_text.txt --attention-weight 0.25 --ctc-weight 0.5 --out exp/demo/decode_test
+	$(ECHOIC) decode --exp exp/demo --manifest $(CORPUS)/test_open.jsonl --method attention_rescoring --beam 20 \
+		--lm $(CORPUS)/lm_text.txt --attention-weight 0.25 --ctc-weight 0.5 --out exp/demo/decode_test_open
 	@echo
 	@echo "Test split, demo model (CTC prefix beam search with a trigram word LM of lm_text.txt,"
 	@echo "its 20 best rescored by the attention decoder):"
 	@$(ECHOIC) score --ref $(CORPUS)/test.jsonl --hyp exp/demo/decode_test/hyp.jsonl --worst 3
+	@echo
+	@echo "Open-vocabulary test split (test_open: drawn without the rule that test's words be in train;"
+	@echo "16% of its words never occur in train, so no character model gets those exactly right):"
+	@$(ECHOIC) score --ref $(CORPUS)/test_open.jsonl --hyp exp/demo/decode_test_open/hyp.jsonl --worst 3
 	@echo
 	@echo "Transcribe your own recording (any format, rate or channels):"
 	@echo "  $(ECHOIC) transcribe --exp exp/demo my_recording.wav"

@@ -2,10 +2,10 @@
 
 The corpus is planned first, as a pure function of (language, size, seed): which
 sentence, voice, speaking rate, pitch and level each utterance gets. Sentences are
-split before anything else, so test (and dev) sentences never occur in train, and
-some voices are reserved for the test split. Synthesis then runs in parallel; every
-utterance's audio depends only on its own plan, so the corpus is byte-identical
-whatever `jobs` is.
+split before anything else, so no held-out sentence (dev, test, test_open) occurs in
+train or repeats 5 words in a row of a train sentence, and some voices are reserved
+for the test splits. Synthesis then runs in parallel; every utterance's audio depends
+only on its own plan, so the corpus is byte-identical whatever `jobs` is.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from echoic.data.audio import resample
 from echoic.data.manifest import Utterance, write_manifest
+from echoic.data.synth.overlap import NEAR_DUPLICATE_UNITS, OverlapIndex, StretchIndex, units
 from echoic.data.synth.text_source import sentences
 from echoic.data.synth.voices import Voice, check_voices, espeak_audio, festival_audio, voices_for
 from echoic.errors import EchoicError
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "dev", "test")
+OPEN_SPLIT = "test_open"  # test sentences drawn without the training-vocabulary rule
+OPEN_TEST_FRACTION = 0.025  # of --num-utts, on top of them: 325 at 13,000
 HOTWORD_SPLIT = "hotword_test"  # written only with --hotword-test
 HOTWORD_MIN_LETTERS = 5  # hotwords are names and terms, not short function words
 FESTIVAL_SHARE = 0.3  # of English utterances: festival's voices are few but natural
@@ -59,14 +62,22 @@ class PlannedUtterance:
     peak: float  # peak amplitude of the clean speech
 
 
-def split_sizes(num_utts: int, dev_fraction: float, test_fraction: float) -> dict[str, int]:
+def split_sizes(
+    num_utts: int,
+    dev_fraction: float,
+    test_fraction: float,
+    open_fraction: float = OPEN_TEST_FRACTION,
+) -> dict[str, int]:
+    """Utterances per split. Train, dev and test share `num_utts`; test_open comes on
+    top, so that adding it left the other splits as they were."""
     if num_utts < 3:
         raise EchoicError("--num-utts must be at least 3 (one utterance per split)")
     test = max(1, round(num_utts * test_fraction))
     dev = max(1, round(num_utts * dev_fraction))
     if test + dev >= num_utts:
         raise EchoicError("dev and test fractions leave no training utterances")
-    return {"train": num_utts - dev - test, "dev": dev, "test": test}
+    test_open = max(1, round(num_utts * open_fraction))
+    return {"train": num_utts - dev - test, "dev": dev, "test": test, OPEN_SPLIT: test_open}
 
 
 def plan_corpus(
@@ -77,32 +88,57 @@ def plan_corpus(
     *,
     dev_fraction: float = 0.05,
     test_fraction: float = 0.05,
+    open_fraction: float = OPEN_TEST_FRACTION,
 ) -> list[PlannedUtterance]:
     """Every utterance's sentence, voice and prosody. Pure: no audio is made here."""
     pool = sentences(lang)
-    sizes = split_sizes(num_utts, dev_fraction, test_fraction)
+    sizes = split_sizes(num_utts, dev_fraction, test_fraction, open_fraction)
     order = make_rng(seed, lang, "sentences").permutation(len(pool))
-    held_out = sizes["test"] + sizes["dev"]
+    held_out = sizes["test"] + sizes["dev"] + sizes[OPEN_SPLIT]
     if held_out >= len(pool):
         raise EchoicError(f"only {len(pool)} sentences available: ask for fewer utterances")
     # Train takes its sentences first (repeating them, with other voices, only when asked
-    # for more utterances than exist). Test and dev then take unused sentences with the
-    # fewest words train never has, none when the pool allows: like read-speech test
-    # sets, they measure recognition of the training vocabulary. Unseen words are what
-    # the hotword test set (--hotword-test) is for.
+    # for more utterances than exist). Held-out splits then take unused sentences that
+    # repeat no 5-word stretch of train (overlap.py says why).
     train_count = min(sizes["train"], len(pool) - held_out)
-    vocabulary = {w for i in order[:train_count] for w in pool[i].split()}
-    rest = order[train_count:]
-    unseen = [sum(w not in vocabulary for w in pool[i].split()) for i in rest]
-    ranked = [rest[i] for i in sorted(range(len(rest)), key=lambda i: (unseen[i], i))]
-    sentence_ids = {
-        "train": order[:train_count],
-        "test": ranked[: sizes["test"]],
-        "dev": ranked[sizes["test"] : held_out],
-    }
+    train_ids = [int(i) for i in order[:train_count]]
+    seen = OverlapIndex((pool[i] for i in train_ids), lang)
+    rest = [int(i) for i in order[train_count:] if not seen.repeats(pool[int(i)])]
+    length = {i: len(units(pool[i], lang)) for i in (*train_ids, *rest)}
+    train_lengths = Counter(length[i] for i in train_ids)
+    # Dev and test prefer sentences with the fewest words train never has, none when the
+    # pool allows: like read-speech test sets, they measure recognition of the training
+    # vocabulary (unseen words are what test_open and --hotword-test are for). Long
+    # sentences more often have an unseen word, so that preference alone made dev and
+    # test shorter than train (9.5 against 10.3 words at 13,000 utterances): each
+    # sentence length gets its share of train's, and takes its best-covered sentences.
+    vocabulary = {u for i in train_ids for u in units(pool[i], lang)}
+    unseen = {i: sum(u not in vocabulary for u in units(pool[i], lang)) for i in rest}
+    ranked = sorted(rest, key=lambda i: unseen[i])  # stable: ties keep the random order
+    closed = _match_lengths(ranked, length, train_lengths, sizes["test"] + sizes["dev"])
+    test_ids, dev_ids = _deal(closed, length, sizes["test"], sizes["dev"])
+    # test_open: the same kind of sentences drawn at random, unseen words and all, so
+    # that its WER beside test's shows what the vocabulary rule hides.
+    taken = set(closed)
+    open_ids = _match_lengths(
+        [i for i in rest if i not in taken], length, train_lengths, sizes[OPEN_SPLIT]
+    )
+    sentence_ids = {"train": train_ids, "test": test_ids, "dev": dev_ids, OPEN_SPLIT: open_ids}
     plans = []
-    for split in SPLITS:
+    for split in (*SPLITS, OPEN_SPLIT):
         ids = sentence_ids[split]
+        if not ids:
+            raise EchoicError(
+                f"no sentence left for {split} that repeats no {NEAR_DUPLICATE_UNITS}-unit "
+                "stretch of train: ask for fewer utterances"
+            )
+        if len(ids) < sizes[split]:
+            log.warning(
+                "%s: %d sentences for %d utterances, some repeat with other voices",
+                split,
+                len(ids),
+                sizes[split],
+            )
         for number in range(sizes[split]):
             text = pool[ids[number % len(ids)]]
             plans.append(
@@ -111,13 +147,53 @@ def plan_corpus(
     return plans
 
 
+def _match_lengths(
+    ranked: Sequence[int], length: dict[int, int], reference: Counter[int], count: int
+) -> list[int]:
+    """`count` of the `ranked` sentences (best first) whose lengths follow the
+    `reference` histogram: each length gets its share (largest remainders round), filled
+    with its best-ranked sentences; a length that runs out is made up with the best
+    sentences left of any length. Returned in rank order."""
+    total = sum(reference.values())
+    shares = {n: count * c / total for n, c in sorted(reference.items())}
+    quota = {n: int(share) for n, share in shares.items()}
+    by_remainder = sorted(shares, key=lambda n: (-(shares[n] - quota[n]), n))
+    for n in by_remainder[: count - sum(quota.values())]:
+        quota[n] += 1
+    chosen: set[int] = set()
+    for i in ranked:
+        if quota.get(length[i], 0) > 0:
+            quota[length[i]] -= 1
+            chosen.add(i)
+    for i in ranked:
+        if len(chosen) >= count:
+            break
+        chosen.add(i)
+    return [i for i in ranked if i in chosen]
+
+
+def _deal(
+    ranked: Sequence[int], length: dict[int, int], first: int, second: int
+) -> tuple[list[int], list[int]]:
+    """Split `ranked` sentences into two sets of sizes in proportion `first`:`second`,
+    dealt in order of (length, rank) so that both get the same lengths and quality."""
+    by_length = sorted(range(len(ranked)), key=lambda k: (length[ranked[k]], k))
+    to_first: set[int] = set()
+    for position, k in enumerate(by_length):
+        # Bresenham: the first set gets this item when its share's floor steps up.
+        if (position + 1) * first // (first + second) > position * first // (first + second):
+            to_first.add(ranked[k])
+    return [i for i in ranked if i in to_first], [i for i in ranked if i not in to_first]
+
+
 def _plan_utterance(
     utt_id: str, split: str, text: str, voices: Sequence[Voice], seed: int, lang: str
 ) -> PlannedUtterance:
     """Voice, rate, pitch and level of one utterance, from (seed, utterance id)."""
     rng = make_rng(seed, lang, "voice", utt_id)
     test_voices = [v for v in voices if v.test_only]
-    if split == "test" and test_voices and rng.random() < TEST_ONLY_SHARE:
+    # test_open has test's voices, so that the two WERs differ by their sentences only.
+    if split in ("test", OPEN_SPLIT) and test_voices and rng.random() < TEST_ONLY_SHARE:
         voice = test_voices[rng.integers(len(test_voices))]
     else:
         voice = _pick_voice([v for v in voices if not v.test_only], rng)
@@ -141,7 +217,9 @@ def plan_hotword_test(
         raise EchoicError("--hotword-test is for English corpora")
     pool = sentences(lang)
     used = {p.text for p in plans}
-    train_words = {w for p in plans if p.split == "train" for w in p.text.split()}
+    train = [p.text for p in plans if p.split == "train"]
+    train_words = {w for text in train for w in text.split()}
+    seen = OverlapIndex(train, lang)
     spread = Counter(w for sentence in pool for w in set(sentence.split()))
 
     def rare(word: str) -> bool:
@@ -152,7 +230,7 @@ def plan_hotword_test(
             and spread[word] <= 3
         )
 
-    unused = [s for s in pool if s not in used]
+    unused = [s for s in pool if s not in used and not seen.repeats(s)]
     chosen: list[tuple[str, str]] = []
     taken: set[str] = set()
     for index in make_rng(seed, lang, "hotword-sentences").permutation(len(unused)):
@@ -284,13 +362,13 @@ def synthesize_corpus(
     out_dir = Path(out_dir)
     voices = check_voices(voices_for(lang), lang)
     plans = plan_corpus(lang, num_utts, seed, voices)
-    splits = SPLITS
+    splits = (*SPLITS, OPEN_SPLIT)
     hotwords: list[str] = []
     distractors: list[str] = []
     if hotword_test:
         extra, hotwords, distractors = plan_hotword_test(plans, lang, seed, voices, hotword_test)
         plans = [*plans, *extra]
-        splits = (*SPLITS, HOTWORD_SPLIT)
+        splits = (*splits, HOTWORD_SPLIT)
         listed = sorted(hotwords + distractors)
         (out_dir).mkdir(parents=True, exist_ok=True)
         (out_dir / "hotwords.txt").write_text("".join(f"{w}\n" for w in listed))
@@ -333,11 +411,15 @@ def synthesize_corpus(
 def lm_text(plans: Sequence[PlannedUtterance], lang: str, excluded_words: set[str]) -> list[str]:
     """Text to train a language model on, like LibriSpeech's LM corpus: the train
     transcripts, then every sentence of the pool that no split speaks. Sentences of
-    dev, test and the hotword test never occur, nor do the hotword list's words (the
+    the held-out splits never occur, nor does any 5-word stretch of one (a text-only
+    sentence that repeats one is left out), nor do the hotword list's words (the
     hotword test measures biasing towards words the model has not met)."""
     spoken = {p.text for p in plans}
+    held_out = StretchIndex((p.text for p in plans if p.split != "train"), lang)
     text_only = [
-        s for s in sentences(lang) if s not in spoken and excluded_words.isdisjoint(s.split())
+        s
+        for s in sentences(lang)
+        if s not in spoken and excluded_words.isdisjoint(s.split()) and not held_out.contains(s)
     ]
     return [*(p.text for p in plans if p.split == "train"), *text_only]
 
@@ -350,6 +432,9 @@ def _write_manifests(
     splits: Sequence[str],
 ) -> dict:
     summary: dict = {"splits": {}}
+    # Mandarin is written without spaces: count characters instead of words.
+    unit = "chars" if lang == "zh" else "words"
+    vocabulary = {u for p in plans if p.split == "train" for u in units(p.text, lang)}
     for split in splits:
         chosen = [p for p in plans if p.split == split]
         utterances = [
@@ -364,16 +449,16 @@ def _write_manifests(
             for p in chosen
         ]
         write_manifest(out_dir / f"{split}.jsonl", utterances)
-        # Mandarin is written without spaces: count characters instead of words.
-        unit = "chars" if lang == "zh" else "words"
-        words = Counter(
-            w for p in chosen for w in (list(p.text) if lang == "zh" else p.text.split())
-        )
+        words = Counter(u for p in chosen for u in units(p.text, lang))
         summary["splits"][split] = {
             "utterances": len(chosen),
             "hours": round(sum(u.duration for u in utterances) / 3600, 4),
             "distinct_sentences": len({p.text for p in chosen}),
             f"distinct_{unit}": len(words),
+            f"running_{unit}": sum(words.values()),
+            f"{unit}_per_utterance": round(sum(words.values()) / max(1, len(chosen)), 2),
+            # Running words train never has: 0 for train, a few for dev and test.
+            f"unseen_{unit}": sum(n for u, n in words.items() if u not in vocabulary),
             "voices": len({p.voice.id for p in chosen}),
         }
     return summary
