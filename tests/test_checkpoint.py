@@ -1,9 +1,12 @@
 import errno
+import io
 import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from echoic.train import checkpoint as ckpt
 
@@ -34,22 +37,67 @@ def test_save_load_round_trip_without_pickled_code(tmp_path):
         ckpt.load_checkpoint(bad)
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_checkpoint(tmp_path, 1, _weights(1.0), {"step": 1})
-
+def _fsync_full(monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(ckpt.os, "fsync", full)
+
+
+def _safetensors_full(monkeypatch):
+    """The weights file cut off midway, and the error safetensors 0.8 really raises when
+    the disk fills up under save_file (seen on a 64 KiB tmpfs): not an OSError."""
+
+    def full(tensors, path, metadata=None):
+        data = safetensors.torch.save(tensors)
+        with open(path, "wb") as stream:
+            stream.write(data[: len(data) // 2])
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+
+
+def _torch_save_full(monkeypatch):
+    """state.pt cut off midway, and the error torch.save really raises on a full disk
+    (seen on a 64 KiB tmpfs): a RuntimeError that does not say why."""
+    real = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        buffer = io.BytesIO()
+        real(obj, buffer)
+        with open(path, "wb") as stream:
+            stream.write(buffer.getvalue()[:100])
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+
+
+@pytest.mark.parametrize(
+    ("fill", "reason"),
+    [
+        (_fsync_full, "No space left on device"),
+        (_safetensors_full, r"model.safetensors: .*No space left on device \(os error 28\)"),
+        (_torch_save_full, r"state.pt: \[enforce fail .* 704 vs 598, \d+ MB free on its disk"),
+    ],
+    ids=["fsync", "safetensors", "torch.save"],
+)
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fill, reason):
+    ckpt.save_checkpoint(tmp_path, 1, _weights(1.0), {"step": 1})
+    fill(monkeypatch)
     with pytest.raises(
         ckpt.CheckpointError,
-        match=r"could not save checkpoint step-00000002 .*No space left on device; "
-        r"earlier checkpoints are intact",
-    ):
+        match=rf"could not save checkpoint step-00000002 in .*: {reason}.*; "
+        "earlier checkpoints are intact$",
+    ) as raised:
         ckpt.save_checkpoint(tmp_path, 2, _weights(2.0), {"step": 2})
     monkeypatch.undo()
+    assert "\n" not in str(raised.value)  # one line, for the log
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]  # no half-written folder left
     assert ckpt.newest_valid(tmp_path).name == "step-00000001"
+    weights, state = ckpt.load_checkpoint(tmp_path / "step-00000001")
+    assert torch.equal(weights["a"], _weights(1.0)["a"]) and state == {"step": 1}
 
 
 def test_corrupt_or_half_written_checkpoints_are_skipped(tmp_path, caplog):

@@ -110,7 +110,36 @@ def test_every_head_combination_keeps_the_metrics_contract(heads, encoder):
         accuracy = out.metrics["th_accuracy"]
         assert accuracy.unit == "tokens" and 0.0 <= accuracy.value <= 1.0
         assert out.metrics["loss"].weight == 3 and out.weight == 3
-        assert out.metrics["loss"].total == pytest.approx(float(out.loss.detach()))
+        # The total, recomputed from the heads' own loss metrics and the weights the
+        # config gives them (not from the model's `total`, which both sides share).
+        config = tiny_config(HEADS[heads], encoder)
+        sections = {
+            "loss_ctc": config.ctc,
+            "loss_att": config.attention,
+            "loss_rnnt": config.transducer,
+        }
+        expected = sum(
+            section.weight * out.metrics[name].total
+            for name, section in sections.items()
+            if section is not None
+        )
+        assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+        assert out.metrics["loss"].total == pytest.approx(expected, rel=1e-5)
+    if "ctc" in HEADS[heads]:  # loss_ctc against torch's CTC loss, one utterance at a time
+        with torch.no_grad():
+            encoded, lengths = model.encode(batch)
+            log_probs = model.ctc.log_probs(encoded)
+        by_hand = sum(
+            F.ctc_loss(
+                log_probs[i, : lengths[i]].unsqueeze(1),
+                batch.tokens[i, : batch.token_lens[i]].unsqueeze(0),
+                lengths[i : i + 1],
+                batch.token_lens[i : i + 1],
+                reduction="sum",
+            )
+            for i in range(batch.size)
+        )
+        assert evaluation.metrics["loss_ctc"].total == pytest.approx(float(by_hand), rel=1e-5)
 
 
 def test_an_undeclared_metric_fails_loudly():

@@ -1,9 +1,12 @@
 """The trainer: exact resume after SIGKILL or SIGTERM, corrupt checkpoints, config
 checks, bad steps, out-of-memory batches, DDP on two processes, plots and averaging."""
 
+import dataclasses
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +21,19 @@ from safetensors.torch import load_file
 
 from echoic.data.augment import speed_perturb
 from echoic.data.features import FbankConfig
+from echoic.data.manifest import read_manifest, write_manifest
 from echoic.errors import ConfigError
 from echoic.models.asr import AsrModel
-from echoic.train.checkpoint import list_checkpoints
-from echoic.train.config import load_experiment
+from echoic.models.contract import Metric
+from echoic.train.checkpoint import (
+    CheckpointError,
+    average_weights,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from echoic.train.config import breaking_changes, load_experiment
+from echoic.train.metrics import MetricSums
 from echoic.train.trainer import Trainer, TrainingAborted
 
 # Epoch 0 of the session corpus is 20 batches of max_frames 1500: 10 steps of 2 micro-batches.
@@ -378,7 +390,10 @@ def test_an_all_skipped_batch_changes_nothing(tmp_path, corpus, lang):
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process_and_resumes_on_one(tmp_path, corpus, lang):
-    one = write_config(tmp_path, corpus, lang, train={"max_steps": 8, "valid_every": None})
+    # num_threads as in the two-process run: another count would change float rounding
+    one = write_config(
+        tmp_path, corpus, lang, train={"max_steps": 8, "valid_every": None, "num_threads": 1}
+    )
     exp_one = tmp_path / "one"
     assert echoic("train", str(one), "--exp", str(exp_one), "--no-progress").returncode == 0
     two_dir = tmp_path / "two"
@@ -455,3 +470,247 @@ def test_sigterm_to_the_whole_process_group_still_saves(tmp_path, corpus, lang):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     assert "step-00000005 saved (stop (SIGTERM))" in stderr
+
+
+class Killed(Exception):
+    """Stands for SIGKILL in an in-process run: it escapes the loop, nothing is saved."""
+
+
+def _stop_at(trainer: Trainer, where: str, how: str) -> None:
+    """At pause point `where` (see PausePoint): "kill" the run, or "stop" it as SIGTERM
+    does (a checkpoint of the last step boundary, then a clean exit)."""
+
+    def check(key: str, stop) -> None:
+        if key != where:
+            return
+        if how == "kill":
+            raise Killed(key)
+        stop.requested = "SIGTERM"
+
+    trainer.pause.check = check
+
+
+def _run_state(exp: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    return final_weights(exp), deterministic_lines(exp)
+
+
+def _oom_on(monkeypatch, epoch: int, index: int) -> None:
+    """Batch `index` of `epoch` runs out of memory every time it is computed."""
+    original = AsrModel.forward
+
+    def forward(self, batch):
+        if self.training and (batch.epoch, batch.index) == (epoch, index):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 99 GB")
+        return original(self, batch)
+
+    monkeypatch.setattr(AsrModel, "forward", forward)
+
+
+@pytest.mark.slow
+def test_resume_after_an_out_of_memory_shrink_is_exact(tmp_path, corpus, lang, monkeypatch, caplog):
+    """The shrunk max_frames is for the epochs after the out-of-memory batch: a resume
+    rebuilds the running epoch's batches as they were planned, and one that recomputes
+    the batch shrinks the budget once, not twice."""
+    caplog.set_level(logging.INFO, logger="echoic")
+    _oom_on(monkeypatch, epoch=0, index=4)  # the window of step 3
+    train = {"max_steps": 14, "valid_every": 5, "oom_shrink": 0.5}  # 10 steps an epoch
+    reference = _in_process(tmp_path / "reference", corpus, lang, train=train)
+    assert reference.run() == 0
+    assert "max_frames becomes 750 from the next epoch" in caplog.text
+    assert reference.train_loader.sampler.max_frames == 750  # epoch 1 was planned with it
+    expected_weights, expected_lines = _run_state(tmp_path / "reference" / "exp")
+    for where, how in [
+        ("4:1", "kill"),  # resumes from step 3's checkpoint, saved after the shrink
+        ("2:1", "stop"),  # saves step 2's boundary, before the batch that ran out of memory
+    ]:
+        folder = tmp_path / how
+        trainer = _in_process(folder, corpus, lang, train=train)
+        _stop_at(trainer, where, how)
+        if how == "kill":
+            with pytest.raises(Killed):
+                trainer.run()
+        else:
+            assert trainer.run() == 0
+        caplog.clear()
+        resumed = _in_process(folder, corpus, lang, train=train)
+        assert resumed.run() == 0
+        assert "resuming from" in caplog.text
+        assert resumed.max_frames == 750, how
+        weights, lines = _run_state(folder / "exp")
+        assert lines == expected_lines, how
+        assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights), how
+
+
+@pytest.mark.slow
+def test_an_epochs_last_step_is_validated_once_and_averaged_once(tmp_path, corpus, lang):
+    """Step 10 ends epoch 0 and is a multiple of valid_every: one dev line, not two; and
+    `average --best` takes each checkpoint once even when metrics.jsonl has a step twice
+    (as runs before this fix wrote)."""
+    trainer = _in_process(tmp_path, corpus, lang, train={"max_steps": 10, "valid_every": 5})
+    assert trainer.run() == 0
+    exp = tmp_path / "exp"
+    dev = [json.loads(line) for line in deterministic_lines(exp) if '"dev"' in line]
+    assert [(r["step"], r["epoch"]) for r in dev] == [(5, 0), (10, 0)]
+    best = min(dev, key=lambda r: r["loss"])
+    with (exp / "metrics.jsonl").open("a") as stream:
+        stream.write(json.dumps(best) + "\n")
+    done = echoic("average", "--exp", str(exp), "--best", "2")
+    assert done.returncode == 0, done.stderr
+    assert "averaged 2 checkpoints (step-00000005, step-00000010)" in done.stdout or (
+        "averaged 2 checkpoints (step-00000010, step-00000005)" in done.stdout
+    ), done.stdout
+    newest = list_checkpoints(exp / "checkpoints")[-1]
+    with pytest.raises(CheckpointError, match="more than once"):
+        average_weights([newest, newest])
+
+
+def test_a_window_of_skipped_utterances_is_not_a_bad_step(tmp_path, corpus, lang, caplog):
+    """Every utterance of step 1's two batches has its audio missing: a skip, counted
+    as one, not a non-finite update toward max_bad_steps."""
+    plan = _in_process(tmp_path / "plan", corpus, lang)
+    plan._setup()
+    plan.metrics_log.close()
+    first = {i for batch in plan.train_loader.sampler.epoch_batches(0)[:2] for i in batch}
+    utterances = read_manifest(corpus / "train.jsonl").utterances
+    missing = str(tmp_path / "missing.wav")
+    broken = [
+        dataclasses.replace(u, audio=missing) if i in first else u for i, u in enumerate(utterances)
+    ]
+    write_manifest(tmp_path / "train.jsonl", broken)
+    trainer = _in_process(
+        tmp_path,
+        corpus,
+        lang,
+        data={"train": str(tmp_path / "train.jsonl")},
+        train={"max_steps": 2, "max_bad_steps": 1, "valid_every": None},
+    )
+    assert trainer.run() == 0
+    assert "step 1: every utterance of its batches was skipped: no update" in caplog.text
+    assert "non-finite" not in caplog.text and trainer.bad_steps == 0
+
+
+def test_utterances_ctc_cannot_align_are_counted_as_skips(tmp_path, corpus, lang, caplog):
+    """An utterance whose transcript is too long for its audio (three copies of it) is
+    left out of the loss and reported as a skip, in training and on dev."""
+    utterances = read_manifest(corpus / "train.jsonl").utterances
+    easy = sorted(utterances, key=lambda u: len(u.text) / u.duration)[:8]
+    bad = dataclasses.replace(easy[3], text=" ".join([easy[3].text] * 3))
+    write_manifest(tmp_path / "small.jsonl", [*easy[:3], bad, *easy[4:]])
+    small = str(tmp_path / "small.jsonl")
+    trainer = _in_process(
+        tmp_path,
+        corpus,
+        lang,
+        data={"train": small, "dev": small, "speed_perturb": [1.0]},
+        train={"max_steps": None, "max_epochs": 1, "accum_grad": 1, "valid_every": None},
+    )
+    assert trainer.run() == 0
+    left_out = f"the model left out 1 utterances, as skips (1 no_ctc_alignment, first {bad.id} "
+    assert f"train epoch 0: {left_out}" in caplog.text
+    assert f"dev at step {trainer.step}: {left_out}" in caplog.text
+    assert "non-finite" not in caplog.text
+    dev = [json.loads(line) for line in deterministic_lines(tmp_path / "exp") if '"dev"' in line]
+    assert len(dev) == 1 and math.isfinite(dev[0]["loss_ctc"])
+
+
+def test_which_config_changes_break_exact_resume(tmp_path, corpus, lang):
+    path = write_config(tmp_path, corpus, lang)  # the noam schedule: max_steps is only a limit
+    base = load_experiment(path)
+    cosine = load_experiment(path, ["optim.scheduler=cosine"])
+    assert breaking_changes(base, load_experiment(path, ["train.max_steps=20"])) == {}
+    assert breaking_changes(
+        cosine, load_experiment(path, ["optim.scheduler=cosine", "train.max_steps=20"])
+    ) == {"train.max_steps": "which is the cosine schedule's length"}
+    assert breaking_changes(base, load_experiment(path, ["train.num_threads=1"])) == {
+        "train.num_threads": "which changes float rounding"
+    }
+    assert breaking_changes(base, load_experiment(path, ["train.max_epochs=3"])) == {}
+    # On resume: one line naming the key and why.
+    trainer = _in_process(
+        tmp_path / "a", corpus, lang, optim={"scheduler": "cosine"}, train={"max_steps": 2}
+    )
+    assert trainer.run() == 0
+    trainer = _in_process(
+        tmp_path / "a", corpus, lang, optim={"scheduler": "cosine"}, train={"max_steps": 4}
+    )
+    with pytest.raises(ConfigError) as error:
+        trainer.run()
+    assert str(error.value).startswith(
+        "the config changed in ways that break exact resume "
+        "(train.max_steps, which is the cosine schedule's length); "
+        "pass --allow-config-change to resume anyway. Changes: train.max_steps: 2 -> 4"
+    )
+    assert "\n" not in str(error.value)
+
+
+def test_metric_sums_report_every_declared_key():
+    """A window with no data (a rank with no dev batch) still has every key, None, and
+    packs the same values as any other window: ranks enter the same collective."""
+    sums = MetricSums({"loss": "utterances", "loss_ctc": "utterances", "loss_rnnt": "utterances"})
+    assert sums.reduced(None) == {"loss": None, "loss_ctc": None, "loss_rnnt": None}
+    sums.add({"loss": Metric(6.0, 3.0, "utterances"), "loss_ctc": None, "loss_rnnt": None})
+    assert sums.reduced(None) == {"loss": 2.0, "loss_ctc": None, "loss_rnnt": None}
+    with pytest.raises(ValueError, match="not among"):
+        sums.add({"wer": Metric(1.0, 1.0, "tokens")})
+
+
+@pytest.mark.slow
+def test_validation_on_two_processes_with_a_one_batch_dev_set(tmp_path, corpus, lang):
+    """Rank 1 gets no dev batch: it must still enter the collectives rank 0 enters (a
+    hang or a crash before). The timeout turns a hang into a failure."""
+    dev = read_manifest(corpus / "dev.jsonl").utterances[:1]
+    write_manifest(tmp_path / "dev1.jsonl", dev)
+    config = write_config(
+        tmp_path,
+        corpus,
+        lang,
+        data={"dev": str(tmp_path / "dev1.jsonl")},
+        train={"max_steps": 2, "accum_grad": 1, "valid_every": 1, "num_threads": 1},
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    command += [
+        "-m",
+        "echoic",
+        "train",
+        str(config),
+        "--exp",
+        str(tmp_path / "exp"),
+        "--no-progress",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        process.communicate()
+        raise AssertionError("two-process training with a one-batch dev set hung") from None
+    assert process.returncode == 0, stderr[-3000:]
+    dev_lines = [
+        json.loads(line) for line in deterministic_lines(tmp_path / "exp") if '"dev"' in line
+    ]
+    assert [r["step"] for r in dev_lines] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in dev_lines)
+
+
+def test_a_version_1_checkpoint_resumes_and_best_metric_is_checked_first(tmp_path, corpus, lang):
+    trainer = _in_process(tmp_path, corpus, lang, train={"max_steps": 2, "valid_every": None})
+    assert trainer.run() == 0
+    # Rewrite the checkpoint as version 1 wrote it: one max_frames, no left-out counts,
+    # metric sums None for the heads the model does not have.
+    path = list_checkpoints(tmp_path / "exp" / "checkpoints")[-1]
+    weights, state = load_checkpoint(path)
+    del state["epoch_max_frames"], state["dropped"]
+    state["version"] = 1
+    state["tracker"]["sums"]["loss_rnnt"] = None
+    shutil.rmtree(path)
+    save_checkpoint(path.parent, 2, weights, state)
+    trainer = _in_process(tmp_path, corpus, lang, train={"max_steps": 3, "valid_every": None})
+    assert trainer.run() == 0 and trainer.step == 3
+    trainer = _in_process(tmp_path / "b", corpus, lang, train={"best_metric": "wer"})
+    with pytest.raises(
+        ConfigError, match=r"train\.best_metric 'wer' is not a metric of this model"
+    ):
+        trainer.run()
+    assert not list_checkpoints(tmp_path / "b" / "exp" / "checkpoints")  # before any step

@@ -22,7 +22,7 @@ from echoic.models.encoders import ConformerConfig, Encoder, TransformerConfig
 from echoic.models.frontend import FrontendConfig, build_frontend
 from echoic.models.heads import HeadOutput
 from echoic.models.heads.attention import AttentionDecoderConfig, AttentionHead
-from echoic.models.heads.ctc import CtcConfig, CtcHead
+from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcConfig, CtcHead
 from echoic.models.heads.transducer import TransducerConfig, TransducerHead
 
 
@@ -112,27 +112,55 @@ class AsrModel(nn.Module):
         feats, lengths = self.frontend(batch)
         return self.encoder(feats, lengths)
 
+    def unusable(
+        self, input_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
+    ) -> dict[int, str]:
+        """(B,) input frames, (B, U) tokens, (B,) lengths -> {row: reason} for the
+        utterances the model leaves out, of every head: with a CTC head, those with more
+        tokens than CTC can place in the encoder's frames (a transcript too long for its
+        audio). Their CTC loss has no alignment, and keeping them for the other heads
+        alone would weigh them unlike every other utterance."""
+        if self.ctc is None:
+            return {}
+        frames = self.encoder.subsampling.output_lengths(input_lens)
+        short = CtcHead.frames_needed(tokens, token_lens) > frames
+        return dict.fromkeys(short.nonzero().flatten().tolist(), NO_CTC_ALIGNMENT)
+
     def forward(self, batch: Batch) -> StepOutput:
         if batch.tokens is None:
             raise ValueError("training an ASR model needs batches with tokens (a tokenizer)")
-        encoded, encoded_lens = self.encode(batch)
+        feats, lengths = self.frontend(batch)
+        tokens, token_lens = batch.tokens, batch.token_lens
+        dropped = self.unusable(lengths, tokens, token_lens)
+        used = batch.size - len(dropped)
+        if dropped and used:
+            # Left out before the encoder, so they change nothing, BatchNorm statistics
+            # included, and the loss and metrics average over the others only.
+            keep = torch.ones(batch.size, dtype=torch.bool)
+            keep[list(dropped)] = False
+            keep = keep.to(lengths.device)
+            feats, lengths = feats[keep], lengths[keep]
+            token_lens = token_lens[keep]
+            tokens = tokens[keep][:, : int(token_lens.max())]
+        encoded, encoded_lens = self.encoder(feats, lengths)
         metrics: dict[str, Metric | None] = dict.fromkeys(self.metric_units)
         total = encoded.new_zeros((), dtype=torch.float32)
         accuracy = None
         for head in self.heads:
             out: HeadOutput = head(
-                encoded,
-                encoded_lens,
-                batch.tokens,
-                batch.token_lens,
-                with_accuracy=head is self.accuracy_head,
+                encoded, encoded_lens, tokens, token_lens, with_accuracy=head is self.accuracy_head
             )
             total = total + head.weight * out.loss
             metrics.update(out.metrics)
             accuracy = accuracy or out.accuracy
-        metrics["loss"] = Metric(float(total.detach()), float(batch.size), UTTERANCES)
+        metrics["loss"] = Metric(float(total.detach()), float(used), UTTERANCES)
         metrics["th_accuracy"] = accuracy
-        return StepOutput(loss=total, weight=batch.size, metrics=metrics)
+        if not used:
+            # Every utterance left out: the whole batch ran so that every parameter gets a
+            # (zero) gradient, as distributed training needs, and nothing of it counts.
+            total = total * 0.0
+            metrics = {k: v if v is None else Metric(0.0, 0.0, v.unit) for k, v in metrics.items()}
+        return StepOutput(loss=total, weight=used, metrics=metrics, dropped=dropped)
 
 
 def build_model(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:

@@ -6,7 +6,11 @@
   losses. The trainer divides the accumulated gradients once by the total `weight`
   over all micro-batches and ranks, so the update is the exact per-utterance mean
   whatever the batch is split into.
-- `weight`: the number of utterances `loss` sums over.
+- `weight`: the number of utterances `loss` sums over: the batch less `dropped`.
+- `dropped`: utterances the model had to leave out of the loss and the metrics, by
+  batch row, each with a short reason (`no_ctc_alignment`: more tokens than CTC can
+  place in the encoder's frames). They are skips like a missing audio file: the
+  trainer counts and reports them, whatever the model.
 - `metrics`: exactly the keys the model declared in `metric_units`, each a `Metric`
   (a batch sum and the count it sums over) or None when the model has no such head.
   The same keys, and the same None-ness, in train and eval mode and for every batch.
@@ -18,7 +22,7 @@ once, at report time. A missing value is None, never a fake 0.0.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -55,8 +59,9 @@ def metric(total: torch.Tensor | float, weight: torch.Tensor | float, unit: Unit
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, differentiable: the sum over utterances
-    weight: int  # utterances in the batch
+    weight: int  # utterances the loss sums over (the batch less `dropped`)
     metrics: dict[str, Metric | None]
+    dropped: dict[int, str] = field(default_factory=dict)  # batch row -> why it was left out
 
 
 class ContractError(AssertionError):

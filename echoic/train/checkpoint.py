@@ -20,10 +20,12 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from echoic.errors import EchoicError
@@ -67,6 +69,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _serialize(path: Path, write: Callable[[Path], None]) -> None:
+    """Run a library's writer for `path`, turning its disk errors into an OSError.
+
+    Neither writer raises OSError when the disk fills up (seen on a 64 KiB tmpfs):
+    safetensors raises SafetensorError ("... No space left on device (os error 28)"),
+    torch.save a RuntimeError that does not say why ("unexpected pos 704 vs 598"), so
+    the message gets the free space, which does."""
+    try:
+        write(path)
+    except (SafetensorError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        free = shutil.disk_usage(path.parent).free // 2**20
+        raise OSError(f"{path.name}: {message}, {free} MB free on its disk") from error
+
+
 def save_checkpoint(
     directory: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]
 ) -> Path:
@@ -80,8 +97,9 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
-        torch.save(state, tmp / STATE)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        _serialize(tmp / WEIGHTS, lambda path: save_file(tensors, path))
+        _serialize(tmp / STATE, lambda path: torch.save(state, path))
         checksums = {WEIGHTS: _sha256(tmp / WEIGHTS), STATE: _sha256(tmp / STATE)}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1) + "\n")
         for file in (WEIGHTS, STATE, CHECKSUMS):
@@ -163,6 +181,10 @@ def average_weights(paths: list[Path]) -> dict[str, torch.Tensor]:
     BatchNorm's counter, are taken from the newest)."""
     if not paths:
         raise CheckpointError("no checkpoints to average")
+    resolved = [p.resolve() for p in paths]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:  # it would weigh those double, silently
+        raise CheckpointError(f"checkpoints given more than once: {', '.join(twice)}")
     total: dict[str, torch.Tensor] = {}
     for path in paths:
         problem = verify(path)

@@ -118,7 +118,7 @@ def dump_experiment(config: ExperimentConfig) -> str:
 SAFE_TO_CHANGE = {
     "data.num_workers",
     "data.dev",
-    "train.max_steps",
+    "train.max_steps",  # except when it is the cosine schedule's length (breaking_changes)
     "train.max_epochs",
     "train.log_every",
     "train.valid_every",
@@ -129,9 +129,28 @@ SAFE_TO_CHANGE = {
     "train.best_metric",
     "train.best_mode",
     "train.max_bad_steps",
-    "train.num_threads",
     "train.distributed",
 }
+
+# Keys that look harmless but change results, with why (for the error message).
+_WHY_BREAKING = {
+    # Matrix products split their sums over threads: another count rounds differently.
+    "train.num_threads": "which changes float rounding",
+}
+
+
+def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, str]:
+    """The changed keys that make a resumed run differ from an uninterrupted run of the
+    new config, each with why where it is not plain ("" otherwise)."""
+    breaking = {}
+    for key, _, _ in config_differences(old, new):
+        if key == "train.max_steps" and "cosine" in (old.optim.scheduler, new.optim.scheduler):
+            # The schedule runs to min_lr at max_steps: another length changes the rate of
+            # every step from here on (and of the steps already taken, in the new run).
+            breaking[key] = "which is the cosine schedule's length"
+        elif key not in SAFE_TO_CHANGE:
+            breaking[key] = _WHY_BREAKING.get(key, "")
+    return breaking
 
 
 def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[tuple[str, Any, Any]]:

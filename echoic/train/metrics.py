@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,41 +28,46 @@ from echoic.train.distributed import Runtime, all_reduce_sum
 
 
 class MetricSums:
-    """Per-key (total, weight) over a window; keys whose value is None stay None."""
+    """Per-key (total, weight) over a window, for a fixed set of keys (a model's
+    `metric_units`); a key with no weight yet (a model without that head, or a window
+    with no data) averages to None."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, list[float] | None] = {}
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = list(keys)  # the declaration's order: every rank packs them alike
+        self.sums: dict[str, list[float]] = {k: [0.0, 0.0] for k in self.keys}
 
     def add(self, metrics: dict[str, Metric | None]) -> None:
+        unknown = set(metrics) - set(self.sums)
+        if unknown:
+            raise ValueError(f"metrics {sorted(unknown)} are not among {self.keys}")
         for key, value in metrics.items():
-            if value is None:
-                self.sums.setdefault(key, None)
-                continue
-            entry = self.sums.get(key)
-            if entry is None:
-                self.sums[key] = [value.total, value.weight]
-            else:
-                entry[0] += value.total
-                entry[1] += value.weight
+            if value is not None:
+                self.sums[key][0] += value.total
+                self.sums[key][1] += value.weight
 
     def reduced(self, runtime: Runtime | None) -> dict[str, float | None]:
-        """Averages over the window, summed across ranks first unless `runtime` is None
-        (a collective when distributed)."""
-        keys = sorted(k for k, v in self.sums.items() if v is not None)
-        packed = torch.tensor([self.sums[k][i] for k in keys for i in (0, 1)], dtype=torch.float64)
-        if keys and runtime is not None:
+        """Averages over the window, summed across ranks first unless `runtime` is None.
+        Distributed, it is a collective of the same size on every rank whatever the
+        rank's data (even none): a rank that skipped it would leave the others waiting."""
+        packed = torch.tensor(
+            [self.sums[k][i] for k in self.keys for i in (0, 1)], dtype=torch.float64
+        )
+        if runtime is not None:
             packed = all_reduce_sum(packed.to(runtime.device), runtime).cpu()
-        values: dict[str, float | None] = dict.fromkeys(self.sums)
-        for index, key in enumerate(keys):
+        values: dict[str, float | None] = {}
+        for index, key in enumerate(self.keys):
             total, weight = float(packed[2 * index]), float(packed[2 * index + 1])
             values[key] = total / weight if weight else None
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": {k: (list(v) if v is not None else None) for k, v in self.sums.items()}}
+        return {"sums": {k: list(v) for k, v in self.sums.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = {k: (list(v) if v is not None else None) for k, v in state["sums"].items()}
+        sums = state["sums"]
+        if set(sums) != set(self.keys):
+            raise ValueError(f"metric sums for {sorted(sums)}, expected {sorted(self.keys)}")
+        self.sums = {k: list(sums[k]) for k in self.keys}
 
 
 def _clean(value: Any) -> Any:

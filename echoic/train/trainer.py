@@ -26,6 +26,8 @@ import random
 import resource
 import shutil
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,8 @@ from echoic.models.contract import StepOutput, check_step_output
 from echoic.seeding import derive_seed
 from echoic.train import checkpoint as ckpt
 from echoic.train.config import (
-    SAFE_TO_CHANGE,
     ExperimentConfig,
+    breaking_changes,
     config_differences,
     dump_experiment,
     parse_experiment,
@@ -69,7 +71,7 @@ from echoic.train.schedule import learning_rate
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the running epoch's max_frames, utterances the model left out
 
 
 class TrainingAborted(EchoicError):
@@ -120,23 +122,22 @@ class Trainer:
             old = parse_experiment(yaml.safe_load(saved.read_text()) or {}, where=str(saved))
         except ConfigError as error:
             raise EchoicError(f"cannot compare with the run's saved config: {error}") from None
-        differences = config_differences(old, self.config)
+        changes = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(old, self.config)]
+        # accum_grad may change with the number of processes: their product is what counts.
+        breaking = breaking_changes(old, self.config)
+        breaking.pop("train.accum_grad", None)
         global_accum = self.config.train.accum_grad * self.runtime.world_size
-        breaking = [
-            d for d in differences if d[0] not in SAFE_TO_CHANGE and d[0] != "train.accum_grad"
-        ]
         if global_accum != state["global_accum"]:
-            breaking.append(("accum_grad x processes", state["global_accum"], global_accum))
-        listed = "; ".join(
-            f"{key}: {a!r} -> {b!r}" for key, a, b in differences + breaking[len(differences) :]
-        )
+            breaking["accum_grad x processes"] = ""
+            changes.append(f"accum_grad x processes: {state['global_accum']!r} -> {global_accum!r}")
+        listed = "; ".join(changes)
         if breaking and not self.allow_config_change:
-            keys = ", ".join(key for key, _, _ in breaking)
+            keys = "; ".join(f"{key}, {why}" if why else key for key, why in breaking.items())
             raise ConfigError(
                 f"the config changed in ways that break exact resume ({keys}); "
                 f"pass --allow-config-change to resume anyway. Changes: {listed}"
             )
-        if differences or breaking:
+        if changes:
             log.warning("resuming with a changed config: %s", listed)
 
     def _prepare_exp_dir(self, resuming: bool) -> None:
@@ -171,7 +172,7 @@ class Trainer:
         weights, state = (None, None)
         if resume_from is not None:
             weights, state = ckpt.load_checkpoint(resume_from)
-            if state.get("version") != STATE_VERSION:
+            if state.get("version") not in (1, STATE_VERSION):
                 raise EchoicError(
                     f"{resume_from}: checkpoint state version {state.get('version')} "
                     "is not supported"
@@ -190,6 +191,13 @@ class Trainer:
         if weights is not None:
             load_model_weights(model, weights)
         self.metric_units = model.metric_units
+        if train.best_metric not in self.metric_units:
+            raise ConfigError(
+                f"train.best_metric '{train.best_metric}' is not a metric of this model "
+                f"({', '.join(self.metric_units)})"
+            )
+        if state is not None and state["version"] == 1:
+            state = _upgrade_state_v1(state, self.metric_units)
         self.input_spec = model.input_spec
         # Two encoder frames at least: the subsampling front needs min_input_frames for
         # one, and BatchNorm in training refuses a one-utterance batch of one frame.
@@ -210,9 +218,13 @@ class Trainer:
                 min_duration,
                 self._min_frames,
             )
+        # Two budgets: an out-of-memory batch shrinks the one for the epochs to come,
+        # while the running epoch keeps the batches it was planned with; a resume rebuilds
+        # those, not the shrunk epoch's, or utterances would be repeated and skipped.
         self.max_frames = state["max_frames"] if state else data.max_frames
+        self.epoch_max_frames = state["epoch_max_frames"] if state else data.max_frames
         data_config = dataclasses.replace(
-            data, min_duration=min_duration, max_frames=self.max_frames
+            data, min_duration=min_duration, max_frames=self.epoch_max_frames
         )
 
         def loader(path: str, training: bool, rank: int, world_size: int) -> BatchLoader:
@@ -237,6 +249,9 @@ class Trainer:
                 data.dev, False, 0 if fsdp else rt.rank, 1 if fsdp else rt.world_size
             )
             self._dev_reduce = not fsdp  # under FSDP every rank evaluates all of dev
+        for batch_loader in (self.train_loader, self.dev_loader):
+            if batch_loader is not None:  # a stop request cuts a feature-cache fill short
+                batch_loader.should_stop = lambda: self.stop.requested is not None
 
         optim = self.config.optim
         optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
@@ -257,7 +272,11 @@ class Trainer:
         self.batch_index = 0
         self.bad_steps = 0
         self.best: list[list[float]] = []  # [value, step] of the best dev results
-        self.tracker = MetricSums()
+        self.tracker = MetricSums(self.metric_units)
+        # Utterances the model left out this epoch, by reason (see StepOutput.dropped),
+        # and the first of each; logged at the epoch's end like the data's own skips.
+        self.dropped: Counter[str] = Counter()
+        self.dropped_examples: dict[str, str] = {}
         if state is not None:
             load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             if self.scaler is not None and state["scaler"] is not None:
@@ -270,6 +289,8 @@ class Trainer:
             self.bad_steps = state["bad_steps"]
             self.best = [list(b) for b in state["best"]]
             self.tracker.load_state_dict(state["tracker"])
+            self.dropped = Counter(state["dropped"]["counts"])
+            self.dropped_examples = dict(state["dropped"]["examples"])
             _set_rng_state(state["rng"])
             # The checkpoint just loaded holds this state: a run resumed after its end
             # must not write it again.
@@ -313,7 +334,12 @@ class Trainer:
         return {
             "epoch": self.epoch,
             "batch_index": self.batch_index,
+            # Budgets as they were at the boundary: a resumed run that recomputes an
+            # out-of-memory batch shrinks them again itself, once, as the first run did.
+            "max_frames": self.max_frames,
+            "epoch_max_frames": self.epoch_max_frames,
             "tracker": self.tracker.state_dict(),
+            "dropped": {"counts": dict(self.dropped), "examples": dict(self.dropped_examples)},
             "buffers": buffers,
         }
 
@@ -348,7 +374,9 @@ class Trainer:
         try:
             while not self._finished():
                 sampler = self.train_loader.sampler
-                sampler.set_max_frames(self.max_frames)
+                if self.batch_index == 0:  # a new epoch is planned with the current budget
+                    self.epoch_max_frames = self.max_frames
+                sampler.set_max_frames(self.epoch_max_frames)
                 sampler.set_position(self.epoch, self.batch_index)
                 per_rank = len(self.train_loader)
                 boundary = self._snapshot()
@@ -430,6 +458,7 @@ class Trainer:
                         )
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     self.tracker.add(out.metrics)
+                    _count_dropped(batch, out, self.dropped, self.dropped_examples)
                     window["weight"] += out.weight
                     window["frames"] += batch.real_frames
                     self._log_window["frames"] += batch.real_frames
@@ -529,6 +558,11 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.bad_steps = 0
+        elif not failed and weight == 0:
+            # Not a bad update: its utterances were skipped, and counted as skips already.
+            log.warning(
+                "step %d: every utterance of its batches was skipped: no update", self.step + 1
+            )
         elif not failed:
             self.bad_steps += 1
             log.warning(
@@ -557,7 +591,13 @@ class Trainer:
         if self.step % train.log_every == 0:
             self._log_train()
         validated = False
-        if self.dev_loader is not None and train.valid_every and self.step % train.valid_every == 0:
+        # An epoch's last step is validated by _end_of_epoch: not twice.
+        if (
+            self.dev_loader is not None
+            and train.valid_every
+            and self.step % train.valid_every == 0
+            and not end_of_epoch
+        ):
             self._validate()
             validated = True
         due = (train.save_every_steps and self.step % train.save_every_steps == 0) or (
@@ -569,6 +609,13 @@ class Trainer:
 
     def _end_of_epoch(self) -> None:
         log.info("epoch %d done at step %d", self.epoch - 1, self.step)
+        if self.dropped:
+            log.warning(
+                "train epoch %d: %s",
+                self.epoch - 1,
+                _dropped_summary(self.dropped, self.dropped_examples),
+            )
+        self.dropped, self.dropped_examples = Counter(), {}
         if self.dev_loader is not None:
             self._validate(epoch=self.epoch - 1)
         self._save(self._snapshot(), reason=f"end of epoch {self.epoch - 1}")
@@ -577,7 +624,7 @@ class Trainer:
 
     def _log_train(self) -> None:
         values = self.tracker.reduced(self.runtime)
-        self.tracker = MetricSums()
+        self.tracker = MetricSums(self.metric_units)
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"split": "train", "step": self.step, "epoch": self.epoch, "lr": lr, **values}
         record["grad_norm"] = self.last_grad_norm
@@ -616,13 +663,21 @@ class Trainer:
         """Dev metrics; `epoch` names the epoch just finished when run at its end."""
         module = unwrap(self.model)
         module.eval()
-        sums = MetricSums()
+        sums = MetricSums(self.metric_units)
+        dropped: Counter[str] = Counter()
+        examples: dict[str, str] = {}
         with torch.no_grad():
             for batch in self.dev_loader:
                 if batch.size:
                     with self._autocast():
-                        sums.add(module(_to_device(batch, self.runtime.device)).metrics)
+                        out = module(_to_device(batch, self.runtime.device))
+                    sums.add(out.metrics)
+                    _count_dropped(batch, out, dropped, examples)
         module.train()
+        if dropped:  # this rank's share of dev
+            log.warning("dev at step %d: %s", self.step, _dropped_summary(dropped, examples))
+        # Every rank reduces, even one with no dev batch (a dev set smaller than the
+        # number of processes): the others are waiting in the same collective.
         values = sums.reduced(self.runtime if self._dev_reduce else None)
         self.metrics_log.write(
             {
@@ -632,11 +687,7 @@ class Trainer:
                 **values,
             }
         )
-        key = self.config.train.best_metric
-        if key not in values:
-            raise ConfigError(
-                f"train.best_metric '{key}' is not a metric of this model ({', '.join(values)})"
-            )
+        key = self.config.train.best_metric  # a declared metric: checked in _setup
         if values[key] is not None:
             self.best.append([values[key], self.step])
             self.best.sort(
@@ -676,7 +727,6 @@ class Trainer:
                 "rng": _rng_state(),
                 "best": self.best,
                 "bad_steps": self.bad_steps,
-                "max_frames": self.max_frames,
                 "global_accum": self.config.train.accum_grad * rt.world_size,
                 "metrics_offset": self.metrics_log.offset(),
             }
@@ -694,6 +744,39 @@ class Trainer:
         self.last_save = time.perf_counter()
         if rt.distributed:
             torch.distributed.barrier()
+
+
+def _count_dropped(
+    batch: Batch, out: StepOutput, counts: Counter[str], examples: dict[str, str]
+) -> None:
+    """Count the utterances the model left out of `batch`, keeping the first of each reason."""
+    for row, reason in out.dropped.items():
+        counts[reason] += 1
+        examples.setdefault(
+            reason, f"{batch.ids[row]} (batch {batch.index} of epoch {batch.epoch})"
+        )
+
+
+def _dropped_summary(counts: Counter[str], examples: dict[str, str]) -> str:
+    parts = ", ".join(
+        f"{n} {reason}, first {examples[reason]}" for reason, n in sorted(counts.items())
+    )
+    return f"the model left out {sum(counts.values())} utterances, as skips ({parts})"
+
+
+def _upgrade_state_v1(state: dict[str, Any], metric_keys: Iterable[str]) -> dict[str, Any]:
+    """A version-1 state in version 2's form. Version 1 had one max_frames for the
+    running epoch and the next ones (exact unless an out-of-memory batch shrank it), and
+    metric sums only for the keys seen in the window, None for a model's missing heads."""
+    sums = state["tracker"]["sums"]
+    tracker = {k: sums[k] if sums.get(k) is not None else [0.0, 0.0] for k in metric_keys}
+    return {
+        **state,
+        "version": 2,
+        "epoch_max_frames": state["max_frames"],
+        "tracker": {"sums": tracker},
+        "dropped": {"counts": {}, "examples": {}},
+    }
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:

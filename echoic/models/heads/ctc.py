@@ -12,6 +12,8 @@ from torch import nn
 from echoic.models.contract import UTTERANCES, Unit, metric
 from echoic.models.heads import HeadOutput, token_accuracy, unpad
 
+NO_CTC_ALIGNMENT = "no_ctc_alignment"  # the skip reason for an utterance CTC cannot align
+
 
 @dataclass(frozen=True)
 class CtcConfig:
@@ -33,6 +35,16 @@ class CtcHead(nn.Module):
         """(B, T, D) -> (B, T, V) log-probabilities."""
         return F.log_softmax(self.proj(encoded).float(), dim=-1)
 
+    @staticmethod
+    def frames_needed(tokens: torch.Tensor, token_lens: torch.Tensor) -> torch.Tensor:
+        """(B, U) tokens padded with -1, (B,) lengths -> (B,) the fewest encoder frames
+        that can emit them: one per token, plus a blank between each two equal
+        neighbours (CTC merges repeats that no blank separates)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        inside = positions[1:] < token_lens[:, None]  # pairs (u-1, u) within the length
+        repeats = ((tokens[:, 1:] == tokens[:, :-1]) & inside).sum(dim=1)
+        return token_lens + repeats
+
     def greedy(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """Best path: argmax per frame, repeats merged, blanks removed."""
         hypotheses = []
@@ -45,8 +57,9 @@ class CtcHead(nn.Module):
         self, encoded, encoded_lens, tokens, token_lens, *, with_accuracy: bool = False
     ) -> HeadOutput:
         log_probs = self.log_probs(encoded)
-        # zero_infinity: an utterance with more tokens than frames has no alignment; its
-        # loss would be inf and poison the batch, so it contributes zero instead.
+        # The model leaves out the utterances CTC cannot align (see frames_needed) before
+        # the heads run. zero_infinity only keeps finite the forward of a batch where
+        # every utterance was left out, whose loss the model multiplies by zero.
         loss = F.ctc_loss(
             log_probs.transpose(0, 1),
             tokens.clamp(min=0),
