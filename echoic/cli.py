@@ -43,7 +43,18 @@ def _synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {counts} in {elapsed:.1f} s")
     print(
         f"train has {splits['train'][f'distinct_{unit}']} distinct {unit}; "
-        f"{len(summary['voices'])} voices, {len(summary['test_only_voices'])} heard only in test"
+        f"{len(summary['voices'])} voices, {len(summary['test_only_voices'])} heard only in "
+        "test and test_open"
+    )
+    # What the held-out splits ask of the vocabulary: dev and test are drawn to avoid
+    # train's unseen words, test_open is not.
+    held_out = [name for name in splits if name != "train"]
+    unseen = (splits[n][f"unseen_{unit}"] / max(1, splits[n][f"running_{unit}"]) for n in held_out)
+    print(
+        f"{unit} train never has: "
+        + ", ".join(f"{name} {rate:.1%}" for name, rate in zip(held_out, unseen))
+        + f"; {unit} per utterance: "
+        + ", ".join(f"{name} {s[f'{unit}_per_utterance']:.2f}" for name, s in splits.items())
     )
     text = summary["lm_text"]
     print(
@@ -121,7 +132,10 @@ def _average(args: argparse.Namespace) -> None:
         ]
         ranked = sorted(dev, key=lambda r: r[args.metric], reverse=args.mode == "max")
         saved = {int(p.name.split("-")[1]): p for p in paths}
-        chosen = [saved[r["step"]] for r in ranked if r["step"] in saved][: args.best]
+        # One entry per step: a step may have more than one dev line (older runs
+        # validated an epoch's last step twice), and its checkpoint counts once.
+        steps = dict.fromkeys(r["step"] for r in ranked if r["step"] in saved)
+        chosen = [saved[step] for step in steps][: args.best]
         what = f"best-{args.best}"
     else:
         chosen = paths[-args.last :]
@@ -179,22 +193,27 @@ def _decode(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         average_last=args.average_last,
         max_frames=args.max_frames,
+        num_workers=args.workers,
         threads=args.threads,
         runtime=args.runtime,
         onnx_model=args.onnx_model,
         progress=not args.no_progress,
     )
+    workers = summary["loader_workers"]
+    where = f"{workers} loader process{'es' if workers > 1 else ''}" if workers else "this process"
     print(
         f"decoded {summary['utterances']} utterances with {summary['method']} "
-        f"({summary['runtime']}): RTF {summary['rtf']:.4f} ({summary['decode_s']:.1f} s "
-        f"for {summary['audio_s']:.1f} s of audio), "
-        f"{summary['utts_per_s']:.1f} utterances/s; wrote {Path(args.out) / 'hyp.jsonl'}"
+        f"({summary['runtime']}): RTF {summary['rtf']:.4f} end to end, audio file to text "
+        f"({summary['total_s']:.1f} s for {summary['audio_s']:.1f} s of audio; reading and "
+        f"fbank in {where}); model only {summary['model_rtf']:.4f} (encoder + search, "
+        f"{summary['model_s']:.1f} s); {summary['utts_per_s']:.1f} utterances/s; "
+        f"wrote {Path(args.out) / 'hyp.jsonl'}"
     )
 
 
 def _export(args: argparse.Namespace) -> None:
     from echoic.decode.decoder import load_experiment_model
-    from echoic.decode.export import export_model, quantize_onnx, write_export_info
+    from echoic.decode.export import export_info, export_model, quantize_onnx, write_export_info
 
     model, _, _ = load_experiment_model(
         args.exp, checkpoint=args.checkpoint, average_last=args.average_last
@@ -204,30 +223,38 @@ def _export(args: argparse.Namespace) -> None:
     written = [path]
     if args.format == "onnx" and not args.no_quantize:
         written.append(quantize_onnx(path))
-    write_export_info(
-        out,
-        {
-            "format": args.format,
-            "files": [p.name for p in written],
-            "inputs": "feats (B, T, F) float32, feat_lens (B,) int64",
-            "outputs": "log_probs (B, T', V) float32, out_lens (B,) int64",
-        },
-    )
+    write_export_info(out, export_info(model, args.format, written))
     print("wrote " + ", ".join(str(p) for p in written))
 
 
 def _transcribe(args: argparse.Namespace) -> None:
+    from echoic.decode.segment import SegmentOptions
     from echoic.decode.transcribe import transcribe
 
-    for path, text in transcribe(
-        args.exp,
-        args.audio,
-        method=args.method,
-        options=_search_options(args, args.method or ""),
-        checkpoint=args.checkpoint,
-        scorer=_scorer_settings(args),
-    ):
-        print(f"{path}\t{text}" if len(args.audio) > 1 else text)
+    segmentation = None if args.no_segment else SegmentOptions(max_segment=args.max_segment)
+    segment_stream = open(args.segment_output, "w") if args.segment_output else None  # noqa: SIM115
+    try:
+        for result in transcribe(
+            args.exp,
+            args.audio,
+            method=args.method,
+            options=_search_options(args, args.method or ""),
+            checkpoint=args.checkpoint,
+            scorer=_scorer_settings(args),
+            segmentation=segmentation,
+        ):
+            print(f"{result.path}\t{result.text}" if len(args.audio) > 1 else result.text)
+            for segment in result.segments if segment_stream else []:
+                record = {
+                    "audio": result.path,
+                    "start": round(segment.start, 3),
+                    "end": round(segment.end, 3),
+                    "text": segment.text,
+                }
+                segment_stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if segment_stream:
+            segment_stream.close()
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -293,6 +320,28 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--word-bonus", type=float, help="with --lm: score per word (default 1.5)")
 
 
+EXPORT_DESCRIPTION = """\
+Export CMVN -> encoder -> CTC log-probabilities, with dynamic batch and time axes.
+
+--format onnx writes OUT/model.onnx and, unless --no-quantize, OUT/model.int8.onnx
+(dynamic int8: weights int8, activations quantized at run time); --format torchscript
+writes OUT/model.ts. Every one of them takes and gives the same tensors:
+
+  in:  feats      (B, T, F) float32  log-mel fbank, NOT normalised, zero-padded
+       feat_lens  (B,) int64         frames per utterance
+  out: log_probs  (B, T', V) float32 CTC log-probabilities, blank id 0
+       out_lens   (B,) int64         output frames per utterance (T' ~ T / subsampling)
+
+The features are those echoic computes: kaldi-native-fbank at the model's sample rate
+(16 kHz unless its config says otherwise: resample first), samples in [-1, 1] scaled
+by 32768, the model's mel bins (F, 80 by default), 25 ms frames every 10 ms unless
+configured otherwise, no dither, kaldi's defaults otherwise (povey window,
+pre-emphasis 0.97, snip_edges). Global CMVN from `echoic prepare` is inside the graph
+(when the model has global_cmvn, the default), so feed raw fbank. OUT/export.json
+records the exact settings, the fewest frames the encoder takes, and the vocabulary
+size."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echoic", description="End-to-end speech recognition.")
     parser.add_argument("--version", action="version", version=f"echoic {__version__}")
@@ -304,11 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthesize the built-in speech corpus",
         description="Synthesize a deterministic speech corpus (16 kHz wav + train/dev/test "
         "manifests) from real sentences with espeak-ng and festival, and lm_text.txt: the "
-        "train transcripts plus the sentences no split speaks, for `echoic decode --lm`.",
+        "train transcripts plus the sentences no split speaks, for `echoic decode --lm`. "
+        "Dev and test sentences use train's words where the pool allows; test_open.jsonl "
+        "(2.5% of --num-utts more) is drawn without that rule. No held-out sentence shares "
+        "5 words in a row with train or lm_text.txt.",
     )
     synth.add_argument("--out", required=True, help="output folder")
     synth.add_argument("--lang", choices=["en", "zh"], default="en", help="English or Mandarin")
-    synth.add_argument("--num-utts", type=int, default=2000, help="utterances over all splits")
+    synth.add_argument(
+        "--num-utts", type=int, default=2000, help="utterances in train, dev and test"
+    )
     synth.add_argument("--seed", type=int, default=0, help="same seed, byte-identical corpus")
     synth.add_argument(
         "--noise-snr", type=float, default=None, metavar="DB", help="add noise at this SNR"
@@ -420,7 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         "decode",
         help="decode a manifest with a trained model",
         description="Decode a manifest with an experiment's model into OUT/hyp.jsonl (id, text, "
-        "tokens, score) and report the real-time factor.",
+        "tokens, score) and OUT/decode.json. Batches of up to --max-frames padded frames go "
+        "through the encoder together; the search then runs per utterance, except "
+        "ctc_greedy, attention and rnnt_greedy, which step through the batch together. "
+        "Prints two real-time factors over the same audio, model loading in neither: end "
+        "to end, audio file to text (reading, resampling, fbank, encoder, search), and "
+        "model only (encoder + search).",
     )
     decode.add_argument("--exp", required=True, help="experiment folder")
     decode.add_argument("--manifest", required=True)
@@ -439,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--max-frames", type=int, default=20000, help="padded frames per batch")
     decode.add_argument("--threads", type=int, help="torch CPU threads")
     decode.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="loader processes reading audio and computing fbank beside the model "
+        "(0: in the decoding process, for a one-process end-to-end RTF)",
+    )
+    decode.add_argument(
         "--runtime",
         choices=["torch", "onnx"],
         default="torch",
@@ -451,9 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         help="export the encoder + CTC path (ONNX, TorchScript)",
-        description="Export fbank -> CMVN -> encoder -> CTC log-probabilities with dynamic batch "
-        "and "
-        "time axes; ONNX also gets a dynamically quantized int8 copy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=EXPORT_DESCRIPTION,
     )
     export.add_argument("--exp", required=True)
     export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
@@ -468,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe = commands.add_parser(
         "transcribe",
         help="print the transcript of audio files",
-        description="Transcribe audio files (any format soundfile reads, any rate, any channels).",
+        description="Transcribe audio files (any format soundfile reads, any rate, any channels). "
+        "Recordings of more than one utterance are cut at their pauses by a voice-activity "
+        "detector and decoded in pieces.",
     )
     transcribe.add_argument("--exp", required=True, help="experiment folder")
     transcribe.add_argument("audio", nargs="+", help="audio files")
@@ -476,6 +543,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_arguments(transcribe)
     transcribe.add_argument(
         "--checkpoint", help="a checkpoint folder or .safetensors (default: newest)"
+    )
+    transcribe.add_argument(
+        "--segment-output",
+        metavar="FILE",
+        help="write one JSON line per decoded segment: audio, start, end (seconds), text",
+    )
+    transcribe.add_argument(
+        "--max-segment",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="longer stretches of speech are cut at their least speech-like point",
+    )
+    transcribe.add_argument(
+        "--no-segment",
+        action="store_true",
+        help="decode each file whole, without voice-activity segmentation (long files need "
+        "memory quadratic in their length)",
     )
     transcribe.set_defaults(run=_transcribe)
 

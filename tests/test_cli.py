@@ -30,3 +30,41 @@ def test_version_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["transcribe-everything"])
     assert exited.value.code == 2
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse rewraps: compare words
+
+
+def test_export_help_says_what_each_format_takes_and_writes(capsys):
+    from echoic.decode.export import ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE
+
+    text = _help("export", capsys)
+    # The file names export writes, from the constants it writes them with.
+    for name in (ONNX_FILE, ONNX_INT8_FILE, TORCHSCRIPT_FILE):
+        assert f"OUT/{name}" in text, name
+    for words in (
+        "feats (B, T, F) float32 log-mel fbank, NOT normalised",
+        "feat_lens (B,) int64",
+        "log_probs (B, T', V) float32 CTC log-probabilities, blank id 0",
+        "out_lens (B,) int64",
+        "kaldi-native-fbank at the model's sample rate",
+        "scaled by 32768",
+        "Global CMVN from `echoic prepare` is inside the graph",
+        "OUT/export.json records the exact settings",
+    ):
+        assert words in text, words
+
+
+def test_decode_help_says_what_is_batched_and_what_the_rtfs_count(capsys):
+    text = _help("decode", capsys)
+    for words in (
+        "go through the encoder together; the search then runs per utterance",
+        "end to end, audio file to text (reading, resampling, fbank, encoder, search)",
+        "model only (encoder + search)",
+        "--workers",
+    ):
+        assert words in text, words

@@ -3,11 +3,13 @@ and TorchScript export, transcription of arbitrary audio files."""
 
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from echoic.cli import main
 from echoic.data.dataset import build_loader
@@ -19,7 +21,7 @@ from echoic.decode.decoder import (
     decode_batch,
     load_experiment_model,
 )
-from echoic.decode.search import attention_rescoring, ctc_prefix_beam, sequence_log_probs
+from echoic.decode.search import attention_beam, attention_rescoring, ctc_prefix_beam
 from echoic.errors import EchoicError
 
 # -- the context graph ------------------------------------------------------------------------
@@ -121,8 +123,47 @@ def test_greedy_and_beam_agree_on_easy_utterances(trained, kind):
         assert agree >= len(easy) - 1, (greedy.method, beam.method, agree, len(easy))
 
 
+# Scores worked out by hand, one hypothesis at a time on the utterance's own frames (no
+# padding, no batching, no masks), so that they share no code with the searches.
+
+
+def _decoder_log_prob(decoder, memory, tokens, sos_eos, reverse=False) -> float:
+    """log P(tokens + <eos> | memory (1, T, D)) under the teacher-forced decoder."""
+    sequence = list(reversed(tokens)) if reverse else list(tokens)
+    ys_in = torch.tensor([[sos_eos, *sequence]])
+    whole = torch.ones(1, 1, 1, memory.shape[1], dtype=torch.bool)
+    steps = decoder(memory, whole, ys_in, torch.tensor([len(sequence) + 1]))[0].log_softmax(-1)
+    return sum(float(steps[i, t]) for i, t in enumerate([*sequence, sos_eos]))
+
+
+def _greedy_attention(decoder, memory, sos_eos) -> tuple[int, ...]:
+    """Most likely next token until <eos>, at most one token per encoder frame."""
+    tokens: list[int] = []
+    whole = torch.ones(1, 1, 1, memory.shape[1], dtype=torch.bool)
+    while len(tokens) < memory.shape[1]:
+        ys_in = torch.tensor([[sos_eos, *tokens]])
+        token = int(decoder(memory, whole, ys_in, torch.tensor([len(tokens) + 1]))[0, -1].argmax())
+        if token == sos_eos:
+            break
+        tokens.append(token)
+    return tuple(tokens)
+
+
+def _ctc_log_prob(frames: torch.Tensor, tokens: tuple[int, ...]) -> float:
+    """log P(tokens) summed over every CTC alignment of frames (T, V): torch's forward
+    algorithm."""
+    loss = F.ctc_loss(
+        frames[:, None],
+        torch.tensor(tokens, dtype=torch.long),
+        [frames.shape[0]],
+        [len(tokens)],
+        reduction="none",
+    )
+    return -float(loss)
+
+
 @pytest.mark.slow
-def test_rescoring_picks_the_best_combined_score(trained):
+def test_rescoring_ranks_by_the_weighted_sum_of_scores_worked_out_by_hand(trained):
     model, _, batches = _batches(*trained("hybrid"))  # trains on first use: not under no_grad
     with torch.no_grad():
         _check_rescoring(model, batches[0])
@@ -131,31 +172,81 @@ def test_rescoring_picks_the_best_combined_score(trained):
 def _check_rescoring(model, batch) -> None:
     encoded, lens = model.encode(batch)
     log_probs = model.ctc.log_probs(encoded)
+    head = model.attention
     for b in range(3):
-        nbest = ctc_prefix_beam(log_probs[b, : lens[b]], beam=5)
-        memory, memory_len = encoded[b : b + 1], lens[b : b + 1]
-        candidates = [h.tokens for h in nbest]
-        left = sequence_log_probs(
-            model.attention.decoder, memory, memory_len, candidates, model.attention.sos_eos_id
-        )
-        right = sequence_log_probs(
-            model.attention.reverse_decoder,
-            memory,
-            memory_len,
-            candidates,
-            model.attention.sos_eos_id,
-            reverse=True,
-        )
-        for attention_weight in (1.0, 0.25):
-            ranked = attention_rescoring(
-                model.attention, memory, memory_len, nbest, 0.5, 0.3, attention_weight
+        frames, length = log_probs[b, : lens[b]], int(lens[b])
+        first = ctc_prefix_beam(frames, beam=5)[0].tokens
+        # A hotword on one token of the best path, so the context score is in the sum too.
+        graph = ContextGraph([([first[1]], 0.7)])
+        nbest = ctc_prefix_beam(frames, beam=5, context=graph)
+        assert len({h.tokens for h in nbest}) >= 3
+        memory = encoded[b : b + 1, :length]
+        by_hand = {}
+        for h in nbest:
+            # The prefix search sums the alignments its beam kept: at most all of them.
+            assert h.ctc_score <= _ctc_log_prob(frames, h.tokens) + 1e-4
+            by_hand[h.tokens] = (
+                h.ctc_score,  # what the rescoring is given to add, a number from here on
+                _decoder_log_prob(head.decoder, memory, h.tokens, head.sos_eos_id),
+                _decoder_log_prob(
+                    head.reverse_decoder, memory, h.tokens, head.sos_eos_id, reverse=True
+                ),
+                _walk(graph, list(h.tokens)),
             )
-            combined = [
-                0.5 * h.ctc_score + attention_weight * (0.7 * float(l2r) + 0.3 * float(r2l))
-                for h, l2r, r2l in zip(nbest, left, right)
-            ]
-            assert ranked[0].score == pytest.approx(max(combined), abs=1e-4)
-            assert all(ranked[0].score >= h.score for h in ranked)
+        # Distinct weights, so that using one in another's place changes the sums.
+        for ctc_weight, attention_weight, reverse_weight in ((0.5, 1.0, 0.3), (0.3, 0.25, 0.6)):
+            ranked = attention_rescoring(
+                head,
+                encoded[b : b + 1],  # padded to the batch, as decoding passes it
+                lens[b : b + 1],
+                nbest,
+                ctc_weight,
+                reverse_weight,
+                attention_weight,
+            )
+            expected = {
+                tokens: ctc_weight * ctc
+                + attention_weight * ((1 - reverse_weight) * left + reverse_weight * right)
+                + bonus
+                for tokens, (ctc, left, right, bonus) in by_hand.items()
+            }
+            got = {h.tokens: h.score for h in ranked}
+            assert got == pytest.approx(expected, abs=1e-3), (ctc_weight, attention_weight)
+            assert [h.tokens for h in ranked] == sorted(expected, key=expected.get, reverse=True)
+
+
+@pytest.mark.slow
+def test_attention_search_scores_what_the_decoder_says(trained):
+    """Every hypothesis attention beam search returns is scored with the decoder's own
+    log P(tokens + <eos>) / (len + 1); beam 1 is the greedy decoder run by hand; no
+    hypothesis is longer than the utterance's encoder frames. (A search that cut
+    hypotheses at the length limit without scoring their <eos> let repeating tails win.)"""
+    model, _, batches = _batches(*trained("hybrid"))
+    head = model.attention
+    checked = cut = 0
+    with torch.no_grad():
+        for batch in batches:
+            encoded, lens = model.encode(batch)
+            for beam in (1, 4):
+                nbests = attention_beam(head, encoded, lens, beam, length_penalty=1.0)
+                for b, nbest in enumerate(nbests):
+                    length = int(lens[b])
+                    memory = encoded[b : b + 1, :length]
+                    assert 1 <= len(nbest) <= beam
+                    for h in nbest:
+                        assert len(h.tokens) <= length
+                        log_p = _decoder_log_prob(head.decoder, memory, h.tokens, head.sos_eos_id)
+                        assert h.score == pytest.approx(log_p / (len(h.tokens) + 1), abs=1e-3), (
+                            batch.ids[b],
+                            beam,
+                        )
+                        checked += 1
+                    cut += len(nbest[0].tokens) == length
+                    if beam == 1:
+                        greedy = _greedy_attention(head.decoder, memory, head.sos_eos_id)
+                        assert nbest[0].tokens == greedy, batch.ids[b]
+    # The tiny decoder runs some utterances up to the limit: that path is covered.
+    assert checked >= 40 and cut >= 1, (checked, cut)
 
 
 @pytest.mark.slow
@@ -177,8 +268,12 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
                 == 0
             )
             wer = json.loads(capsys.readouterr().out)["wer"]
-            # A 240-step decoder still loops in free running; the other searches must be good.
-            assert wer < (1.0 if method == "attention" else 0.3), (kind, method, wer)
+            # The 240-step decoder is weak in free running (it drops words and loops on
+            # some utterances): attention measured 0.54 (0.59 before the length-limit fix),
+            # while emitting nothing scores 1.0 and a repeating search more. The hybrid
+            # model's other searches measured 0.0.
+            limit = 0.7 if method == "attention" else 0.3
+            assert wer < limit, (kind, method, wer)
     exp, manifest = trained("hybrid")
     args = f"decode --exp {exp} --manifest {manifest} --method rnnt_beam --out {tmp_path / 'x'}"
     code = main(args.split())
@@ -197,6 +292,39 @@ def test_decode_cli_every_method_and_clear_errors(trained, tmp_path, capsys):
         and "hotwords and --lm work with ctc_prefix_beam, attention_rescoring"
         in capsys.readouterr().err
     )
+
+
+FBANK_DELAY = 0.1  # seconds added to each utterance's fbank
+
+
+@pytest.mark.slow
+def test_decode_cli_headline_rtf_is_end_to_end(trained, tmp_path, monkeypatch, capsys):
+    """The headline RTF runs from audio file to text: fbank made slower by FBANK_DELAY an
+    utterance adds that to it, and nothing to the model-only figure printed beside it."""
+    import echoic.data.dataset as dataset_module
+
+    exp, manifest = trained("hybrid")
+    compute_fbank = dataset_module.compute_fbank
+
+    def slow_fbank(*args, **kwargs):
+        time.sleep(FBANK_DELAY)
+        return compute_fbank(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "compute_fbank", slow_fbank)
+    out = tmp_path / "out"
+    args = f"decode --exp {exp} --manifest {manifest} --method ctc_greedy --out {out}"
+    assert main([*args.split(), "--workers", "0", "--no-progress"]) == 0  # fbank here
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "decode.json").read_text())
+    slept = FBANK_DELAY * summary["utterances"]
+    assert summary["utterances"] == 20
+    assert summary["rtf"] * summary["audio_s"] >= slept, summary
+    assert summary["total_s"] >= summary["model_s"] + slept, summary
+    assert summary["rtf"] == pytest.approx(summary["total_s"] / summary["audio_s"], rel=0.01)
+    assert summary["model_rtf"] == pytest.approx(summary["model_s"] / summary["audio_s"], rel=0.01)
+    assert f"RTF {summary['rtf']:.4f} end to end, audio file to text" in printed
+    assert f"model only {summary['model_rtf']:.4f} (encoder + search" in printed
+    assert "reading and fbank in this process" in printed
 
 
 @pytest.mark.slow
@@ -228,6 +356,14 @@ def test_onnx_and_torchscript_export_match_pytorch(trained, tmp_path, capsys):
     assert (exp / "export" / "model.onnx").is_file() and (
         exp / "export" / "model.int8.onnx"
     ).is_file()
+    info = json.loads((exp / "export" / "export.json").read_text())
+    spec = load_experiment_model(exp)[0].input_spec
+    assert info["files"] == ["model.onnx", "model.int8.onnx"]
+    assert info["features"]["cmvn_in_graph"] is True  # checked below: raw fbank in
+    assert (info["features"]["sample_rate"], info["features"]["num_mel_bins"]) == (
+        spec.sample_rate,
+        spec.fbank.num_mel_bins,
+    )
     for method in ("ctc_greedy", "ctc_prefix_beam"):
         outputs = {}
         for runtime in ("torch", "onnx"):

@@ -100,7 +100,10 @@ def _rnnt_beam(model, encoded, lens, options):
     ]
 
 
-# name -> (heads it needs, search, whether it accepts hotwords)
+# name -> (heads it needs, search, whether it accepts hotwords). `decode_batch` runs the
+# encoder on the whole batch; of the searches, ctc_greedy, attention (B * beam decoder
+# rows per step) and rnnt_greedy step through the batch together, the others loop over
+# its utterances one at a time.
 METHODS: dict[str, tuple[tuple[str, ...], Callable, bool]] = {
     "ctc_greedy": (("ctc",), _ctc_greedy, False),
     "ctc_prefix_beam": (("ctc",), _ctc_prefix_beam, True),

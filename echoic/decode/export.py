@@ -1,14 +1,20 @@
 """`echoic export`: the encoder + CTC path as ONNX (for onnxruntime) or TorchScript.
 
-The exported graph takes fbank features and their lengths and returns CTC
-log-probabilities and their lengths, with dynamic batch and time axes:
+Every format (model.onnx, its int8 copy model.int8.onnx, model.ts) takes fbank
+features and their lengths and returns CTC log-probabilities and their lengths, with
+dynamic batch and time axes:
 
     feats (B, T, F) float32, feat_lens (B,) int64
-    -> log_probs (B, T', V) float32, out_lens (B,) int64
+    -> log_probs (B, T', V) float32 (blank id 0), out_lens (B,) int64
 
-Global CMVN is inside the graph, so a runtime only needs kaldi-compatible fbank
-(kaldi-native-fbank, as echoic computes it). `quantize_onnx` makes a dynamic int8
-copy (weights int8, activations quantized on the fly) with onnxruntime's tools.
+`feats` is what `echoic.data.features.compute_fbank` gives: kaldi-native-fbank log-mel
+of the audio at the model's sample rate, samples scaled to the 16-bit range, the
+model's mel bins, frame length and shift, no dither, kaldi's defaults otherwise
+(povey window, pre-emphasis 0.97, snip_edges), zero-padded. It is not normalised: the
+model's global CMVN (from `echoic prepare`; `global_cmvn`, on by default) is inside the
+graph. `export_info` writes these settings, as the model has them, to export.json.
+`quantize_onnx` makes a dynamic int8 copy (weights int8, activations quantized on the
+fly) with onnxruntime's tools.
 """
 
 from __future__ import annotations
@@ -120,6 +126,30 @@ class OnnxCtc:
             },
         )
         return torch.from_numpy(log_probs), torch.from_numpy(lens)
+
+
+def export_info(model: AsrModel, fmt: str, files: list[Path]) -> dict:
+    """What the exported graph takes and gives, with this model's feature settings."""
+    frontend = model.frontend
+    spec = model.input_spec
+    return {
+        "format": fmt,
+        "files": [p.name for p in files],
+        "inputs": "feats (B, T, F) float32, feat_lens (B,) int64",
+        "outputs": "log_probs (B, T', V) float32, out_lens (B,) int64",
+        "features": {
+            "type": "kaldi-compatible log-mel fbank (kaldi-native-fbank), no dither",
+            "sample_rate": spec.sample_rate,
+            "num_mel_bins": spec.fbank.num_mel_bins,
+            "frame_length_ms": spec.fbank.frame_length_ms,
+            "frame_shift_ms": spec.fbank.frame_shift_ms,
+            "sample_scale": "samples in [-1, 1] times 32768 (16-bit range)",
+            "cmvn_in_graph": bool(frontend.config.global_cmvn),  # feed fbank unnormalised
+        },
+        "min_frames": model.encoder.min_input_frames,  # fewer gives no output frame
+        "blank_id": model.ctc.blank_id,
+        "vocab_size": model.ctc.proj.out_features,
+    }
 
 
 def write_export_info(out_dir: Path, info: dict) -> None:

@@ -169,8 +169,14 @@ def attention_beam(
     beam: int,
     length_penalty: float,
 ) -> list[list[Hypothesis]]:
-    """Autoregressive beam search, all utterances of the batch at once. A finished
-    hypothesis is ranked by log P / length ** length_penalty (<eos> counted)."""
+    """Autoregressive beam search, all utterances of the batch at once (one decoder call
+    per step for B * beam rows). A finished hypothesis is ranked by
+    log P(tokens + <eos>) / (len(tokens) + 1) ** length_penalty.
+
+    An utterance of T encoder frames gets at most T tokens: at step T + 1 every live
+    hypothesis ends, scored with the <eos> it is given there. Scoring such a cut
+    hypothesis without that <eos> (once done here) let a decoder that loops
+    confidently win with a tail of repeats."""
     decoder, sos_eos = head.decoder, head.sos_eos_id
     batch, device = memory.shape[0], memory.device
     memory = memory.repeat_interleave(beam, dim=0)
@@ -192,21 +198,27 @@ def attention_beam(
         new_tokens, new_scores = [], torch.full((batch, beam), NEG_INF, device=device)
         for b in range(batch):
             alive = 0
+            if not done[b] and step >= int(memory_lens[b]) + 1:
+                # The length limit: every live hypothesis takes <eos> now, and its score.
+                for source, score in enumerate(scores[b].tolist()):
+                    if score != NEG_INF:
+                        row = b * beam + source
+                        ended = score + float(log_probs[row, sos_eos])
+                        sequence = tuple(tokens[row, 1:].tolist())
+                        normalised = ended / (len(sequence) + 1) ** length_penalty
+                        finished[b].append(Hypothesis(sequence, normalised))
+                done[b] = True
             for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
                 source, token = divmod(flat, vocab)
                 row = b * beam + source
-                if score == NEG_INF:
+                if score == NEG_INF or done[b]:
                     break
-                limit = step >= int(memory_lens[b]) + 1
                 if token == sos_eos and rank >= beam:
                     continue  # an ending below the live beams: not a contender
-                if token == sos_eos or limit:
-                    if not done[b]:
-                        sequence = tuple(tokens[row, 1:].tolist()) + (
-                            () if token == sos_eos else (token,)
-                        )
-                        normalised = score / (len(sequence) + 1) ** length_penalty
-                        finished[b].append(Hypothesis(sequence, normalised))
+                if token == sos_eos:
+                    sequence = tuple(tokens[row, 1:].tolist())
+                    normalised = score / (len(sequence) + 1) ** length_penalty
+                    finished[b].append(Hypothesis(sequence, normalised))
                     continue
                 if alive < beam:
                     new_tokens.append(torch.cat([tokens[row], tokens.new_tensor([token])]))
@@ -215,7 +227,7 @@ def attention_beam(
             while alive < beam:  # keep the shape: dead rows
                 new_tokens.append(torch.cat([tokens[b * beam], tokens.new_tensor([sos_eos])]))
                 alive += 1
-            if len(finished[b]) >= beam:
+            if done[b] or len(finished[b]) >= beam:
                 done[b] = True
                 new_scores[b] = NEG_INF
         tokens = torch.stack(new_tokens)

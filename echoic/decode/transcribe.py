@@ -2,19 +2,30 @@
 
 Any file soundfile reads, at any sample rate and channel count: channels are mixed
 and the audio resampled (soxr) to what the model was trained on.
+
+A recording is rarely one sentence, and a model trained on sentences runs words
+together across the pauses of a long one. So a file that is longer than
+`SegmentOptions.max_segment`, or in which the voice-activity detector hears more than
+one stretch of speech, is cut at its pauses (`echoic.decode.segment`); the segments are
+decoded in batches and their texts joined in time order. A file of one utterance is
+decoded whole, exactly as without segmentation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from echoic.data.audio import load_audio
 from echoic.data.dataset import Batch
 from echoic.data.features import compute_fbank
+from echoic.data.text import drop_spaces_between_cjk
 from echoic.decode.decoder import (
     DecodeOptions,
     ScorerSettings,
@@ -23,7 +34,30 @@ from echoic.decode.decoder import (
     default_method,
     load_experiment_model,
 )
+from echoic.decode.segment import SegmentOptions, SileroVad, find_segments
 from echoic.errors import AudioError, EchoicError
+from echoic.models.asr import AsrModel
+
+# Padded fbank frames per batch of segments, 200 s of audio: `echoic decode`'s default
+# --max-frames, so a long file needs no more memory than decoding a manifest does.
+MAX_BATCH_FRAMES = 20000
+DEFAULT_SEGMENTATION = SegmentOptions()
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TimedText:
+    start: float  # seconds from the start of the file
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcript:
+    path: str
+    text: str  # the segments' texts joined in time order
+    segments: list[TimedText]  # what was decoded: one (0, duration) when the file was whole
 
 
 def transcribe(
@@ -34,47 +68,141 @@ def transcribe(
     options: DecodeOptions | None = None,
     scorer: ScorerSettings | None = None,
     checkpoint: str | None = None,
-) -> Iterator[tuple[str, str]]:
-    """(path, text) for each file, in order. An unreadable file is a one-line error.
+    segmentation: SegmentOptions | None = DEFAULT_SEGMENTATION,
+) -> Iterator[Transcript]:
+    """A `Transcript` for each file, in order (see `Transcriber`)."""
+    transcriber = Transcriber(
+        exp_dir,
+        method=method,
+        options=options,
+        scorer=scorer,
+        checkpoint=checkpoint,
+        segmentation=segmentation,
+    )
+    for path in audio_paths:
+        yield transcriber(path)
+
+
+class Transcriber:
+    """A loaded model that turns audio files into `Transcript`s.
 
     `options` are the search settings of `echoic decode` (beam, rescoring weights...);
     their method is replaced by `method`, or by the best the model has when that is
-    None. `scorer` names the hotwords and word LM the search adds."""
-    model, tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
-    options = replace(
-        options or DecodeOptions(method=""),
-        method=method or default_method(model),
-        context=(scorer or ScorerSettings()).build(tokenizer),
-    )
-    check_options(model, options)
-    spec = model.input_spec
-    if spec.kind != "fbank":
-        raise EchoicError("transcribe supports fbank models")
-    for path in audio_paths:
+    None. `scorer` names the hotwords and word LM the search adds. `segmentation`
+    None decodes every file whole, however long."""
+
+    def __init__(
+        self,
+        exp_dir: str | Path,
+        *,
+        method: str | None = None,
+        options: DecodeOptions | None = None,
+        scorer: ScorerSettings | None = None,
+        checkpoint: str | None = None,
+        segmentation: SegmentOptions | None = DEFAULT_SEGMENTATION,
+    ) -> None:
+        self.model, self.tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
+        self.options = replace(
+            options or DecodeOptions(method=""),
+            method=method or default_method(self.model),
+            context=(scorer or ScorerSettings()).build(self.tokenizer),
+        )
+        check_options(self.model, self.options)
+        if self.model.input_spec.kind != "fbank":
+            raise EchoicError("transcribe supports fbank models")
+        self.segmentation = segmentation
+        self.vad = SileroVad() if segmentation is not None else None
+
+    def __call__(self, path: str) -> Transcript:
+        """The transcript of one file. An unreadable file is a one-line error."""
+        model, tokenizer, options = self.model, self.tokenizer, self.options
+        rate = model.input_spec.sample_rate
         try:
-            samples = load_audio(path, sample_rate=spec.sample_rate)
+            samples = load_audio(path, sample_rate=rate)
         except AudioError as error:
             raise EchoicError(str(error)) from None
-        feats = torch.from_numpy(
-            compute_fbank(samples, spec.sample_rate, replace(spec.fbank, dither=0.0))
+        duration = samples.shape[0] / rate
+        spans = None
+        if self.vad is not None:
+            probs = self.vad.probabilities(samples, rate)
+            found = find_segments(probs, duration, self.segmentation)
+            if len(found) > 1 or duration > self.segmentation.max_segment:
+                spans = [(s.start, s.end) for s in found]
+                if not spans:
+                    log.warning("%s: no speech found in %.1f s of audio", path, duration)
+        if spans is None:
+            # min_input_frames gives one encoder frame, which is enough to decode.
+            feats = _fbank(model, samples)
+            if feats.shape[0] < model.encoder.min_input_frames:
+                raise EchoicError(f"{path}: {duration:.2f} s is too short to transcribe")
+            (best,) = decode_batch(model, _batch([str(path)], [feats], [duration]), options)
+            text = tokenizer.decode(best.tokens)
+            return Transcript(str(path), text, [TimedText(0.0, duration, text)])
+        tokens = _decode_spans(model, samples, spans, options, str(path))
+        segments = [
+            TimedText(start, end, tokenizer.decode(best))
+            for (start, end), best in zip(spans, tokens)
+            if best is not None
+        ]
+        text = drop_spaces_between_cjk(" ".join(s.text for s in segments if s.text))
+        return Transcript(str(path), text, segments)
+
+
+def _fbank(model: AsrModel, samples: np.ndarray) -> torch.Tensor:
+    spec = model.input_spec
+    return torch.from_numpy(
+        compute_fbank(samples, spec.sample_rate, replace(spec.fbank, dither=0.0))
+    )
+
+
+def _batch(ids: list[str], feats: list[torch.Tensor], durations: list[float]) -> Batch:
+    return Batch(
+        epoch=0,
+        index=0,
+        ids=ids,
+        texts=[""] * len(ids),
+        durations=durations,
+        tokens=None,
+        token_lens=None,
+        feats=pad_sequence(feats, batch_first=True),
+        feat_lens=torch.tensor([f.shape[0] for f in feats]),
+        audio=None,
+        audio_lens=None,
+    )
+
+
+def _decode_spans(
+    model: AsrModel,
+    samples: np.ndarray,
+    spans: list[tuple[float, float]],
+    options: DecodeOptions,
+    path: str,
+) -> list[tuple[int, ...] | None]:
+    """Best tokens for each (start, end) span of `samples`, in the order given; None
+    for a span too short for the encoder (logged). Spans are batched by length, up to
+    MAX_BATCH_FRAMES padded frames, so padding stays small."""
+    rate = model.input_spec.sample_rate
+    # Each span's fbank from its own samples, as if it had been its own file.
+    feats = [_fbank(model, samples[round(s * rate) : round(e * rate)]) for s, e in spans]
+    results: list[tuple[int, ...] | None] = [None] * len(spans)
+    usable = [i for i, f in enumerate(feats) if f.shape[0] >= model.encoder.min_input_frames]
+    if len(usable) < len(spans):
+        log.warning(
+            "%s: %d segments too short for the encoder were skipped",
+            path,
+            len(spans) - len(usable),
         )
-        # min_input_frames gives one encoder frame, which is enough to decode.
-        if feats.shape[0] < model.encoder.min_input_frames:
-            raise EchoicError(
-                f"{path}: {samples.shape[0] / spec.sample_rate:.2f} s is too short to transcribe"
-            )
-        batch = Batch(
-            epoch=0,
-            index=0,
-            ids=[str(path)],
-            texts=[""],
-            durations=[samples.shape[0] / spec.sample_rate],
-            tokens=None,
-            token_lens=None,
-            feats=feats[None],
-            feat_lens=torch.tensor([feats.shape[0]]),
-            audio=None,
-            audio_lens=None,
-        )
-        (best,) = decode_batch(model, batch, options)
-        yield path, tokenizer.decode(best.tokens)
+    usable.sort(key=lambda i: feats[i].shape[0])
+    batch: list[int] = []
+    for k, i in enumerate(usable):
+        batch.append(i)
+        # Sorted by length: the next span is the longest, so it sets the padded size.
+        following = usable[k + 1] if k + 1 < len(usable) else None
+        if following is None or (len(batch) + 1) * feats[following].shape[0] > MAX_BATCH_FRAMES:
+            ids = [f"{path}@{spans[j][0]:.2f}" for j in batch]
+            durations = [spans[j][1] - spans[j][0] for j in batch]
+            best = decode_batch(model, _batch(ids, [feats[j] for j in batch], durations), options)
+            for j, hypothesis in zip(batch, best):
+                results[j] = hypothesis.tokens
+            batch = []
+    return results
