@@ -6,9 +6,13 @@ peak_mb (rise of ru_maxrss over the state after the model and input exist). With
 --wenet-root pointing at a WeNet checkout (outside this repository), WeNet's
 ConformerEncoder of the same size (rel_pos, macaron, batch-norm conv module, dropout
 0.1) is measured in the same run, imported with the anchor script `wenet_import.py`
-from --anchors. These machines are noisy, so each implementation runs in a fresh
-process per round, rounds alternate between them, and figures are medians over all
-timed steps (and over rounds, for memory).
+from --anchors. echoic's attention always goes through torch's
+scaled_dot_product_attention, WeNet's only with its `use_sdpa` switch (off by default),
+so WeNet is measured both ways unless --wenet-sdpa says otherwise: keys wenet_* and
+speedup / memory_ratio (echoic / WeNet) are for use_sdpa off, wenet_sdpa_* and
+speedup_sdpa / memory_ratio_sdpa for use_sdpa on. These machines are noisy, so each
+implementation runs in a fresh process per round, rounds alternate between them, and
+figures are medians over all timed steps (and over rounds, for memory).
 
     python benchmarks/encoder.py [--threads 2] [--wenet-root /tmp/wenet --anchors ../shared/anchors]
 """
@@ -30,6 +34,9 @@ import torch
 from echoic.models.encoders import ConformerConfig, Encoder
 
 BATCH, FRAMES, FEATURES = 8, 1000, 80
+# WeNet rows: row name -> its use_sdpa value, and which rows each --wenet-sdpa mode runs
+WENET_ROWS = {"wenet": False, "wenet_sdpa": True}
+SDPA_MODES = {"off": ["wenet"], "on": ["wenet_sdpa"], "both": ["wenet", "wenet_sdpa"]}
 
 
 def _maxrss_mb() -> float:
@@ -37,12 +44,13 @@ def _maxrss_mb() -> float:
 
 
 def build(args) -> torch.nn.Module:
-    if args.impl == "wenet":
+    if args.impl in WENET_ROWS:
         sys.path.insert(0, os.path.abspath(args.anchors))
         import wenet_import
 
         encoder_class, _, _ = wenet_import.load_conformer_encoder(args.wenet_root)
-        return encoder_class(**dict(wenet_import.CONFIG_12x256, use_sdpa=args.wenet_sdpa))
+        use_sdpa = WENET_ROWS[args.impl]
+        return encoder_class(**dict(wenet_import.CONFIG_12x256, use_sdpa=use_sdpa))
     config = ConformerConfig(
         d_model=256,
         num_layers=12,
@@ -83,9 +91,15 @@ def worker(args) -> dict:
 def _run(impl: str, args, extra: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     command = [sys.executable, __file__, "--impl", impl, *extra]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    try:
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=args.timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"encoder: {impl} ran past --timeout {args.timeout} s") from None
     if done.returncode != 0:
-        raise SystemExit(f"{impl} failed: {done.stderr.strip().splitlines()[-1]}")
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
+        raise SystemExit(f"encoder: {impl} failed: {lines[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -101,7 +115,7 @@ def _summary(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=["echoic", "wenet"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["echoic", *WENET_ROWS], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per implementation")
@@ -113,7 +127,15 @@ def main() -> None:
     parser.add_argument(
         "--wenet-root", help="a WeNet checkout, to measure its encoder in the same run"
     )
-    parser.add_argument("--wenet-sdpa", action="store_true", help="WeNet's use_sdpa switch")
+    parser.add_argument(
+        "--wenet-sdpa",
+        choices=list(SDPA_MODES),
+        nargs="?",
+        const="on",  # the bare flag of old commands meant use_sdpa on
+        default="both",
+        help="WeNet's use_sdpa switch: off, on, or both (two WeNet rows)",
+    )
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
     parser.add_argument(
         "--anchors",
         default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "anchors"),
@@ -123,11 +145,11 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     extra = [a for a in sys.argv[1:]]
-    runs: dict[str, list[dict]] = {"echoic": [], "wenet": []}
+    rows = ["echoic", *(SDPA_MODES[args.wenet_sdpa] if args.wenet_root else [])]
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
     for _ in range(args.rounds):
-        runs["echoic"].append(_run("echoic", args, extra))
-        if args.wenet_root:
-            runs["wenet"].append(_run("wenet", args, extra))
+        for row in rows:
+            runs[row].append(_run(row, args, extra))
     echoic = _summary(runs["echoic"])
     result = {
         "bench": "encoder_train_step",
@@ -141,15 +163,18 @@ def main() -> None:
         "params_m": round(echoic["params_m"], 2),
         "step_s": echoic["step_s"],
     }
-    if args.wenet_root:
-        wenet = _summary(runs["wenet"])
+    for row in rows[1:]:
+        wenet = _summary(runs[row])
+        suffix = "_sdpa" if WENET_ROWS[row] else ""
         result.update(
-            wenet_frames_per_s=round(wenet["frames_per_s"], 1),
-            wenet_peak_mb=round(wenet["peak_mb"], 1),
-            wenet_params_m=round(wenet["params_m"], 2),
-            wenet_step_s=wenet["step_s"],
-            speedup=round(echoic["frames_per_s"] / wenet["frames_per_s"], 3),
-            memory_ratio=round(echoic["peak_mb"] / wenet["peak_mb"], 3),
+            {
+                f"{row}_frames_per_s": round(wenet["frames_per_s"], 1),
+                f"{row}_peak_mb": round(wenet["peak_mb"], 1),
+                f"{row}_params_m": round(wenet["params_m"], 2),
+                f"{row}_step_s": wenet["step_s"],
+                f"speedup{suffix}": round(echoic["frames_per_s"] / wenet["frames_per_s"], 3),
+                f"memory_ratio{suffix}": round(echoic["peak_mb"] / wenet["peak_mb"], 3),
+            }
         )
     result.update(torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count())
     print(json.dumps(result))

@@ -1,0 +1,93 @@
+"""The benchmark scripts' own logic: peer rows, agreement checks, WeNet rows (no timing)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """benchmarks/ is not a package: load a script as a module by its path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rnnt_rows_agree_with_echoic_on_unequal_lengths():
+    bench = _load("rnnt_loss")
+    check = bench.agreement(["rowscan", "echoic_unfused"])
+    for name, diffs in check.items():
+        assert diffs["loss_diff"] < bench.LOSS_TOLERANCE, name
+        assert diffs["grad_max_diff"] < bench.GRAD_TOLERANCE, name
+
+
+def test_rnnt_row_that_raises_on_the_check_batch_is_reported(monkeypatch):
+    bench = _load("rnnt_loss")
+
+    def asserts(*args):
+        raise AssertionError("tensor([7, 3, 0, 2])")
+
+    monkeypatch.setitem(bench.IMPLEMENTATIONS, "fast_rnnt", asserts)
+    check = bench.agreement(["fast_rnnt", "rowscan"])
+    assert check["fast_rnnt"] == {"error": "AssertionError: tensor([7, 3, 0, 2])"}
+    assert check["rowscan"]["loss_diff"] < bench.LOSS_TOLERANCE
+
+
+def test_rnnt_missing_peer_gives_the_import_error(monkeypatch):
+    bench = _load("rnnt_loss")
+    monkeypatch.setitem(bench.PEERS, "fast_rnnt", "no_such_module_for_echoic_tests")
+    assert bench.missing_peer("fast_rnnt").startswith("ModuleNotFoundError: No module named")
+    assert bench.missing_peer("rowscan") is None
+
+
+@pytest.mark.slow
+def test_rnnt_benchmark_skips_a_missing_peer_and_keeps_its_keys(tmp_path):
+    # a stand-in that fails to import hides whichever peer build may be installed here
+    (tmp_path / "fast_rnnt.py").write_text("raise ImportError('built against another torch')\n")
+    command = [sys.executable, str(BENCHMARKS / "rnnt_loss.py"), "--impls", "rowscan,fast_rnnt"]
+    command += ["--B", "1", "--T", "4", "--U", "2", "--V", "5", "--rounds", "1", "--repeats", "1"]
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["skipped"] == {"fast_rnnt": "ImportError: built against another torch"}
+    for key in ("echoic_ms", "rowscan_ms", "speed_ratio", "memory_ratio", "rowscan_loss_per_utt"):
+        assert key in result
+    assert "fast_rnnt_ms" not in result
+    assert abs(result["echoic_loss_per_utt"] - result["rowscan_loss_per_utt"]) < 1e-3
+
+
+FAKE_ANCHOR = """
+import torch
+
+CONFIG_12x256 = {"input_size": 80}
+
+
+class Fake(torch.nn.Module):
+    def __init__(self, input_size, use_sdpa):
+        super().__init__()
+        self.use_sdpa = use_sdpa
+
+
+def load_conformer_encoder(root):
+    return Fake, "fake", []
+"""
+
+
+@pytest.mark.parametrize(("row", "use_sdpa"), [("wenet", False), ("wenet_sdpa", True)])
+def test_encoder_wenet_rows_set_use_sdpa(tmp_path, monkeypatch, row, use_sdpa):
+    bench = _load("encoder")
+    (tmp_path / "wenet_import.py").write_text(FAKE_ANCHOR)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # build() prepends the anchors folder
+    monkeypatch.delitem(sys.modules, "wenet_import", raising=False)
+    args = argparse.Namespace(impl=row, anchors=str(tmp_path), wenet_root=str(tmp_path))
+    assert bench.build(args).use_sdpa is use_sdpa
+    assert row in bench.SDPA_MODES["both"]
