@@ -324,3 +324,14 @@ def test_plan_is_the_same_whatever_the_string_hash_seed():
     plans = plan_corpus("en", 600, seed=3, voices=ENGLISH_VOICES)
     assert plans == plan_corpus("en", 600, seed=3, voices=ENGLISH_VOICES)
     assert [p.text for p in other] != [p.text for p in plans]
+
+
+def test_a_stuck_synthesizer_is_killed_and_named():
+    import time
+
+    from echoic.data.synth.voices import _run
+
+    start = time.monotonic()
+    with pytest.raises(EchoicError, match=r"^espeak-ng \(x\) did not finish within 0 s; killed$"):
+        _run(["sleep", "30"], "espeak-ng (x)", 0.2)
+    assert time.monotonic() - start < 5

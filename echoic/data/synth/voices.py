@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 Engine = Literal["espeak", "festival"]
 
+# A generous bound per utterance: one takes well under a second; a stuck process never ends.
+SYNTH_TIMEOUT_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class Voice:
@@ -159,12 +162,20 @@ def espeak_audio(
         "--stdout",
         text,
     ]
-    result = subprocess.run(command, capture_output=True, check=False)
+    result = _run(command, f"espeak-ng ({voice})", SYNTH_TIMEOUT_SECONDS)
     if result.returncode != 0 or len(result.stdout) < 100:
         message = result.stderr.decode(errors="replace").strip() or "no audio"
         raise EchoicError(f"espeak-ng failed for voice {voice}: {message}")
     samples, rate = sf.read(io.BytesIO(result.stdout), dtype="float32")
     return samples, rate
+
+
+def _run(command: list[str], what: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run a synthesizer with a bounded wait: a stuck one is killed and named."""
+    try:
+        return subprocess.run(command, capture_output=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise EchoicError(f"{what} did not finish within {timeout:.0f} s; killed") from None
 
 
 def festival_audio(
@@ -184,7 +195,8 @@ def festival_audio(
         lines.append(f'(utt.save.wave (utt.synth (Utterance Text "{text}")) "{out}" \'riff)')
     script = workdir / "synth.scm"
     script.write_text("\n".join(lines) + "\n")
-    result = subprocess.run(["festival", "--batch", str(script)], capture_output=True, check=False)
+    timeout = SYNTH_TIMEOUT_SECONDS * max(1, len(requests))
+    result = _run(["festival", "--batch", str(script)], f"festival ({voice})", timeout)
     audio = []
     for out in outputs:
         if not out.is_file():
