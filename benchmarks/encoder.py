@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,14 +31,13 @@ import torch
 
 from echoic.models.encoders import ConformerConfig, Encoder
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
+from _common import maxrss_mb, run_worker
+
 BATCH, FRAMES, FEATURES = 8, 1000, 80
 # WeNet rows: row name -> its use_sdpa value, and which rows each --wenet-sdpa mode runs
 WENET_ROWS = {"wenet": False, "wenet_sdpa": True}
 SDPA_MODES = {"off": ["wenet"], "on": ["wenet_sdpa"], "both": ["wenet", "wenet_sdpa"]}
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def build(args) -> torch.nn.Module:
@@ -71,7 +68,7 @@ def worker(args) -> dict:
     model = build(args).train()
     feats = torch.randn(BATCH, FRAMES, FEATURES)
     lengths = torch.full((BATCH,), FRAMES)
-    base = _maxrss_mb()
+    base = maxrss_mb()
     times = []
     for step in range(args.warmup + args.repeats):
         model.zero_grad(set_to_none=True)
@@ -82,7 +79,7 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - start)
     return {
         "frames_per_s": BATCH * FRAMES / statistics.median(times),
-        "peak_mb": _maxrss_mb() - base,
+        "peak_mb": maxrss_mb() - base,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "step_s": [round(t, 3) for t in times],
     }
@@ -90,17 +87,7 @@ def worker(args) -> dict:
 
 def _run(impl: str, args, extra: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    command = [sys.executable, __file__, "--impl", impl, *extra]
-    try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=args.timeout
-        )
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"encoder: {impl} ran past --timeout {args.timeout} s") from None
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
-        raise SystemExit(f"encoder: {impl} failed: {lines[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, "encoder", impl, extra, env, args.timeout)
 
 
 def _summary(runs: list[dict]) -> dict:

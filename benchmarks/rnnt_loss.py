@@ -36,15 +36,16 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 from echoic.models.rnnt_loss import rnnt_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
+from _common import maxrss_mb, run_worker
 
 # Loss and gradient differences to echoic beyond these mean a row computes something else.
 LOSS_TOLERANCE = 1e-3  # per utterance, nats
@@ -179,10 +180,6 @@ def agreement(names: list[str], seed: int = 0) -> dict:
     return report
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     fn = IMPLEMENTATIONS[args.impl]
@@ -191,7 +188,7 @@ def worker(args) -> dict:
     fn(small, *rest).backward()
     logits, targets, frame_lens, target_lens = _inputs(args.B, args.T, args.U, args.V, args.seed)
     logits.requires_grad_(True)
-    base = _maxrss_mb()
+    base = maxrss_mb()
     times = []
     for step in range(args.warmup + args.repeats):
         logits.grad = None
@@ -202,7 +199,7 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - start)
     return {
         "times_s": times,
-        "peak_mb": _maxrss_mb() - base,
+        "peak_mb": maxrss_mb() - base,
         "loss_per_utt": float(loss) / args.B,
         "grad_norm": float(logits.grad.norm()),
     }
@@ -210,17 +207,7 @@ def worker(args) -> dict:
 
 def _run(name: str, args, env: dict) -> dict:
     """One fresh worker process for row `name`; a failure is a one-line SystemExit."""
-    command = [sys.executable, __file__, "--impl", name, *sys.argv[1:]]
-    try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=args.timeout
-        )
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"rnnt_loss: {name} ran past --timeout {args.timeout} s") from None
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
-        raise SystemExit(f"rnnt_loss: {name} failed: {lines[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, "rnnt_loss", name, sys.argv[1:], env, args.timeout)
 
 
 def main() -> None:

@@ -259,7 +259,7 @@ def _transcribe(args: argparse.Namespace) -> None:
 
 def _score(args: argparse.Namespace) -> None:
     from echoic.decode.context import read_hotwords
-    from echoic.score import score_files
+    from echoic.score import group_rates, score_files, speaker_groups
 
     hotwords = [h.phrase for h in read_hotwords(args.hotwords)] if args.hotwords else None
     report = score_files(
@@ -271,6 +271,8 @@ def _score(args: argparse.Namespace) -> None:
         alignment=args.alignment,
     )
     result = report.to_dict(worst=args.worst)
+    if args.by_speaker:
+        result["by_speaker"] = group_rates(report, speaker_groups(args.ref, args.by_speaker))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "worst"}))
         return
@@ -291,6 +293,11 @@ def _score(args: argparse.Namespace) -> None:
         print(
             f"hotwords: recall {fmt(h['recall'])} precision {fmt(h['precision'])}  "
             f"B-WER {fmt(h['b_wer'])} U-WER {fmt(h['u_wer'])}"
+        )
+    for group, rates in result.get("by_speaker", {}).items():
+        print(
+            f"  {group}: WER {100 * rates['wer']:.2f}% ({rates['utterances']} utterances, "
+            f"{rates['ref_words']} words)"
         )
     for utt in result["worst"]:
         print(f"  {utt['id']}: {utt['errors']} errors in {utt['ref_words']} words")
@@ -580,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--alignment", help="per-utterance alignment file (default: beside --hyp)")
     score.add_argument("--worst", type=int, default=10, help="list this many worst utterances")
     score.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    score.add_argument(
+        "--by-speaker",
+        metavar="TRAIN_MANIFEST",
+        help="also WER per speaker group: seen or unseen in this training manifest, by the "
+        "speaker name's prefix before ':' (the built-in corpus: espeak, festival)",
+    )
     score.set_defaults(run=_score)
 
     plot = commands.add_parser(

@@ -263,6 +263,43 @@ def write_alignment(report: ScoreReport, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def speaker_groups(ref_manifest: str | Path, train_manifest: str | Path) -> dict[str, str]:
+    """Reference id -> "<engine> seen" or "<engine> unseen": whether its speaker is heard
+    in `train_manifest`, with the part of the speaker name before ':' (the synthesizer,
+    for the built-in corpus: espeak, festival; empty for plain speaker names). Without
+    a speaker, "unknown"."""
+    heard = {u.speaker for u in read_manifest(train_manifest).utterances if u.speaker}
+    groups = {}
+    for utterance in read_manifest(ref_manifest).utterances:
+        speaker = utterance.speaker
+        if not speaker:
+            groups[utterance.id] = "unknown"
+            continue
+        engine = speaker.split(":", 1)[0] + " " if ":" in speaker else ""
+        groups[utterance.id] = f"{engine}{'seen' if speaker in heard else 'unseen'}"
+    return groups
+
+
+def group_rates(report: ScoreReport, groups: dict[str, str]) -> dict[str, dict]:
+    """WER per group of utterances (sorted by group name): wer, utterances, ref_words."""
+    counts: dict[str, Counts] = {}
+    sizes: dict[str, int] = {}
+    for utterance in report.per_utterance:
+        group = groups.get(utterance["id"], "unknown")
+        total = counts.setdefault(group, Counts())
+        total += Counts(
+            sub=utterance["sub"],
+            dele=utterance["del"],
+            ins=utterance["ins"],
+            ref=utterance["ref_words"],
+        )
+        sizes[group] = sizes.get(group, 0) + 1
+    return {
+        g: {"wer": counts[g].rate, "utterances": sizes[g], "ref_words": counts[g].ref}
+        for g in sorted(counts)
+    }
+
+
 def score_files(
     ref_manifest: str | Path,
     hyp_path: str | Path,

@@ -131,3 +131,50 @@ def trained(corpus, lang, tmp_path_factory):
         return made[kind], manifest
 
     return train
+
+
+def save_tiny_upstream(folder: Path, model_type: str, hidden: int, **config) -> Path:
+    """A randomly initialised HuggingFace model of `model_type` (wav2vec2, hubert, wavlm,
+    data2vec-audio) with the real conv strides (20 ms frames) and a tiny everything else,
+    saved with save_pretrained. Nothing is downloaded."""
+    import torch
+    import transformers
+
+    classes = {
+        "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
+        "hubert": (transformers.HubertConfig, transformers.HubertModel),
+        "wavlm": (transformers.WavLMConfig, transformers.WavLMModel),
+        "data2vec-audio": (transformers.Data2VecAudioConfig, transformers.Data2VecAudioModel),
+    }
+    config_class, model_class = classes[model_type]
+    # data2vec-audio's num_conv_pos_embeddings is its number of positional conv layers.
+    positional = (
+        {"num_conv_pos_embeddings": 2, "conv_pos_kernel_size": 5}
+        if model_type == "data2vec-audio"
+        else {"num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+    )
+    settings = {
+        "hidden_size": hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 2 * hidden,
+        "conv_dim": (16,) * 7,
+        "conv_stride": (5, 2, 2, 2, 2, 2, 2),
+        "conv_kernel": (10, 3, 3, 3, 3, 2, 2),
+        **positional,
+        **config,
+    }
+    torch.manual_seed(hidden)
+    model_class(config_class(**settings)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def upstreams(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny upstreams of different types and widths: wav2vec2 (32, group-norm
+    feature extractor, as wav2vec2-base) and HuBERT (48)."""
+    root = tmp_path_factory.mktemp("upstreams")
+    return {
+        "wav2vec2": save_tiny_upstream(root / "w2v32", "wav2vec2", 32),
+        "hubert": save_tiny_upstream(root / "hubert48", "hubert", 48),
+    }

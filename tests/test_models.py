@@ -171,8 +171,12 @@ def test_dimensions_flow_from_the_producer():
     assert model.encoder.subsampling.convs[0].in_channels == 1
     assert model.ctc.proj.in_features == 32 and model.ctc.proj.out_features == VOCAB
     assert model.input_spec.fbank.num_mel_bins == 40  # what the data pipeline computes
-    with pytest.raises(ConfigError, match=r"unknown key 'model\.encoder\.conformer\.input_dim'"):
-        from_dict(ModelConfig, {"encoder": {"conformer": {"input_dim": 80}}, "ctc": {}}, "model")
+    # The width is never needed in a config; typed anyway, it is only checked.
+    raw["encoder"]["conformer"]["input_dim"] = 40
+    assert build_model(from_dict(ModelConfig, raw, "model"), VOCAB).encoder.output_dim == 32
+    raw["encoder"]["conformer"]["input_dim"] = 80
+    with pytest.raises(ConfigError, match=r"input_dim is 80, but the frontend gives 40 \(model"):
+        build_model(from_dict(ModelConfig, raw, "model"), VOCAB)
 
 
 def test_model_config_errors():
@@ -187,7 +191,8 @@ def test_model_config_errors():
             ModelConfig, {"transducer": {"predictor": {"stateless": {}, "lstm": {}}}}, "model"
         )
     with pytest.raises(
-        ConfigError, match=r"'model\.encoder\.conformer\.subsampling' must be one of 4, 6, 8"
+        ConfigError,
+        match=r"'model\.encoder\.conformer\.subsampling' must be one of 'auto', 1, 2, 4, 6, 8",
     ):
         from_dict(ModelConfig, {"encoder": {"conformer": {"subsampling": 3}}, "ctc": {}}, "model")
     with pytest.raises(ConfigError, match="conv_kernel must be odd"):
@@ -366,3 +371,21 @@ def test_both_relative_shifts_agree():
 
     scores = torch.randn(2, 3, 7, 13)
     torch.testing.assert_close(rel_shift(scores), rel_shift_padded(scores), rtol=0, atol=0)
+
+
+def test_subsampling_auto_follows_the_frontends_frame_shift():
+    """40 ms encoder frames: 4x for 10 ms fbank, 2x for 20 ms SSL frames, 1x for 40 ms;
+    SSL widths get a time-only front (a conv2d over 768 features would be huge)."""
+    config = ConformerConfig(**TINY, conv_kernel=3)
+    assert Encoder(config, 80, frame_shift=0.01).subsampling.factor == 4
+    ssl = Encoder(config, 768, frame_shift=0.02)
+    assert ssl.subsampling.factor == 2 and ssl.subsampling.conv.in_channels == 768
+    assert Encoder(config, 768, frame_shift=0.04).subsampling.factor == 1
+    with pytest.raises(ConfigError, match="no factor for 15 ms input frames"):
+        Encoder(config, 80, frame_shift=0.015)
+    frames = torch.tensor([3, 4, 5, 50])
+    out, lengths = ssl.subsampling(torch.randn(4, 50, 768), frames)
+    assert lengths.tolist() == [1, 1, 2, 24] and out.shape == (4, 24, 32)
+    assert ssl.subsampling.input_frames_for(2) == 5 and ssl.min_input_frames == 3
+    with pytest.raises(ConfigError, match="subsampling_channels sets the conv2d front"):
+        Encoder(ConformerConfig(**TINY, subsampling_channels=16), 768, frame_shift=0.02)

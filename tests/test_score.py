@@ -6,7 +6,16 @@ import pytest
 
 from echoic.cli import main
 from echoic.data.manifest import Utterance, write_manifest
-from echoic.score import align, characters, normalise, score_texts, words
+from echoic.score import (
+    align,
+    characters,
+    group_rates,
+    normalise,
+    score_files,
+    score_texts,
+    speaker_groups,
+    words,
+)
 
 VOCABULARY = "the cat sat on a mat and then ran off to see dog with hat".split()
 
@@ -121,3 +130,22 @@ def test_score_cli(tmp_path, capsys):
         main(["score", "--ref", str(tmp_path / "ref.jsonl"), "--hyp", str(tmp_path / "nope.jsonl")])
         == 2
     )
+
+
+def test_wer_by_speaker_group_seen_or_unseen_in_train(tmp_path):
+    def utt(i, speaker, text="a b c d"):
+        return Utterance(f"u{i}", "x.wav", text, 1.0, speaker=speaker)
+
+    write_manifest(tmp_path / "train.jsonl", [utt(0, "espeak:en+m1"), utt(1, "festival:kal")])
+    refs = [utt(2, "espeak:en+m1"), utt(3, "espeak:en+f9"), utt(4, "festival:kal"), utt(5, None)]
+    write_manifest(tmp_path / "test.jsonl", refs)
+    hyps = {"u2": "a b c d", "u3": "a x c", "u4": "a b c", "u5": "a b c d"}
+    (tmp_path / "hyp.jsonl").write_text(
+        "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in hyps.items())
+    )
+    report = score_files(tmp_path / "test.jsonl", tmp_path / "hyp.jsonl")
+    groups = speaker_groups(tmp_path / "test.jsonl", tmp_path / "train.jsonl")
+    rates = group_rates(report, groups)
+    assert list(rates) == ["espeak seen", "espeak unseen", "festival seen", "unknown"]
+    assert rates["espeak seen"]["wer"] == 0.0 and rates["espeak unseen"]["wer"] == 0.5
+    assert rates["festival seen"] == {"wer": 0.25, "utterances": 1, "ref_words": 4}

@@ -100,6 +100,8 @@ class Batch:
     audio_lens: torch.Tensor | None  # (B,)
     skipped: list[Skip] = field(default_factory=list)
     unknown_chars: Counter[str] = field(default_factory=Counter)
+    # Waveform batches count frames of 10 ms (as `max_frames` does): samples per frame.
+    samples_per_frame: int = 1
 
     @property
     def size(self) -> int:
@@ -111,11 +113,11 @@ class Batch:
 
     @property
     def real_frames(self) -> int:
-        return int(self.input_lens.sum()) if self.size else 0
+        return int(self.input_lens.sum()) // self.samples_per_frame if self.size else 0
 
     @property
     def padded_frames(self) -> int:
-        return int(self.input_lens.max()) * self.size if self.size else 0
+        return int(self.input_lens.max()) * self.size // self.samples_per_frame if self.size else 0
 
     def pin_memory(self) -> Batch:
         for name in ("tokens", "token_lens", "feats", "feat_lens", "audio", "audio_lens"):
@@ -302,7 +304,13 @@ class AsrDataset:
             audio_lens=audio_lens,
             skipped=skipped,
             unknown_chars=unknown,
+            samples_per_frame=1 if feats is not None else waveform_frame_samples(self.input_spec),
         )
+
+
+def waveform_frame_samples(spec: InputSpec) -> int:
+    """Samples in one frame of a waveform input (10 ms: the unit of max_frames)."""
+    return max(1, round(spec.sample_rate / spec.frames_per_second))
 
 
 def _without_dither(config: FbankConfig) -> FbankConfig:

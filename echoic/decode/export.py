@@ -1,8 +1,9 @@
 """`echoic export`: the encoder + CTC path as ONNX (for onnxruntime) or TorchScript.
 
 Every format (model.onnx, its int8 copy model.int8.onnx, model.ts) takes fbank
-features and their lengths and returns CTC log-probabilities and their lengths, with
-dynamic batch and time axes:
+features and their lengths (a model with an SSL frontend: the 16 kHz waveform and its
+lengths, `audio` and `audio_lens`, the upstream inside the graph) and returns CTC
+log-probabilities and their lengths, with dynamic batch and time axes:
 
     feats (B, T, F) float32, feat_lens (B,) int64
     -> log_probs (B, T', V) float32 (blank id 0), out_lens (B,) int64
@@ -49,13 +50,16 @@ class CtcPath(nn.Module):
     def forward(
         self, feats: torch.Tensor, feat_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.frontend.normalize(feats, feat_lens)
-        encoded, lens = self.encoder(feats, feat_lens, static=True)
+        feats, lens = self.frontend.export_features(feats, feat_lens)
+        encoded, lens = self.encoder(feats, lens, static=True)
         return self.ctc.log_probs(encoded), lens
 
 
 def _example(model: AsrModel) -> tuple[torch.Tensor, torch.Tensor]:
     frames = max(200, 4 * model.encoder.min_input_frames)
+    if model.input_spec.kind == "waveform":  # an SSL frontend: 16 kHz samples
+        samples = round(model.frontend.seconds_for_frames(frames) * model.input_spec.sample_rate)
+        return torch.randn(2, samples) * 0.1, torch.tensor([samples, samples - 3700])
     feats = torch.randn(2, frames, model.frontend.output_dim)
     return feats, torch.tensor([frames, frames - 37])
 
@@ -73,17 +77,20 @@ def export_model(model: AsrModel, out_dir: str | Path, fmt: str) -> Path:
     if fmt != "onnx":
         raise EchoicError(f"unknown export format '{fmt}' (allowed: onnx, torchscript)")
     target = out_dir / ONNX_FILE
-    batch, time = (
-        torch.export.Dim("batch", min=1),
-        torch.export.Dim("time", min=model.encoder.min_input_frames + 1),
-    )
+    shortest = model.encoder.min_input_frames + 1
+    names = ["feats", "feat_lens"]
+    if model.input_spec.kind == "waveform":
+        names = ["audio", "audio_lens"]
+        shortest = round(model.frontend.seconds_for_frames(shortest) * model.input_spec.sample_rate)
+    batch, time = torch.export.Dim("batch", min=1), torch.export.Dim("time", min=shortest)
     with torch.no_grad():
         program = torch.onnx.export(
             path,
             example,
             dynamo=True,
-            input_names=["feats", "feat_lens"],
+            input_names=names,
             output_names=["log_probs", "out_lens"],
+            # The forward's own argument names, whatever the graph's inputs are called.
             dynamic_shapes={"feats": {0: batch, 1: time}, "feat_lens": {0: batch}},
             optimize=True,
         )
@@ -118,11 +125,12 @@ class OnnxCtc:
     def __call__(
         self, feats: torch.Tensor, feat_lens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, lengths = (i.name for i in self.session.get_inputs())  # feats or audio
         log_probs, lens = self.session.run(
             None,
             {
-                "feats": feats.numpy().astype(np.float32),
-                "feat_lens": feat_lens.numpy().astype(np.int64),
+                inputs: feats.numpy().astype(np.float32),
+                lengths: feat_lens.numpy().astype(np.int64),
             },
         )
         return torch.from_numpy(log_probs), torch.from_numpy(lens)
@@ -132,11 +140,34 @@ def export_info(model: AsrModel, fmt: str, files: list[Path]) -> dict:
     """What the exported graph takes and gives, with this model's feature settings."""
     frontend = model.frontend
     spec = model.input_spec
+    outputs = {
+        "outputs": "log_probs (B, T', V) float32, out_lens (B,) int64",
+        "blank_id": model.ctc.blank_id,
+        "vocab_size": model.ctc.proj.out_features,
+    }
+    if spec.kind == "waveform":
+        info = frontend.info
+        shortest = frontend.seconds_for_frames(model.encoder.min_input_frames)
+        return {
+            "format": fmt,
+            "files": [p.name for p in files],
+            "inputs": "audio (B, S) float32, audio_lens (B,) int64",
+            "features": {
+                "type": f"raw waveform into the {info.model_type} upstream (inside the graph)",
+                "sample_rate": spec.sample_rate,
+                "sample_scale": "samples in [-1, 1]",
+                "normalised_in_graph": info.do_normalize,
+                # Group-norm feature extractors and data2vec-audio see padding: batch
+                # utterances of equal length, or one at a time, for exact results.
+                "exact_for_padded_batches": frontend.exact_for_padded_batches,
+            },
+            "min_samples": round(shortest * spec.sample_rate),  # fewer gives no output
+            **outputs,
+        }
     return {
         "format": fmt,
         "files": [p.name for p in files],
         "inputs": "feats (B, T, F) float32, feat_lens (B,) int64",
-        "outputs": "log_probs (B, T', V) float32, out_lens (B,) int64",
         "features": {
             "type": "kaldi-compatible log-mel fbank (kaldi-native-fbank), no dither",
             "sample_rate": spec.sample_rate,
@@ -147,8 +178,7 @@ def export_info(model: AsrModel, fmt: str, files: list[Path]) -> dict:
             "cmvn_in_graph": bool(frontend.config.global_cmvn),  # feed fbank unnormalised
         },
         "min_frames": model.encoder.min_input_frames,  # fewer gives no output frame
-        "blank_id": model.ctc.blank_id,
-        "vocab_size": model.ctc.proj.out_features,
+        **outputs,
     }
 
 

@@ -81,10 +81,11 @@ def decode_manifest(
                 f"--runtime onnx runs {', '.join(ONNX_METHODS)}, not {options.method}"
             )
         session = OnnxCtc(onnx_model or Path(exp_dir) / "export" / ONNX_FILE, threads=threads)
+    per_row = not getattr(model.frontend, "exact_for_padded_batches", True)
     load_seconds = time.perf_counter() - load_start
     manifest = read_manifest(manifest_path)
     # Shorter than the subsampling front accepts: skipped and counted, not a crash.
-    shortest = model.input_spec.seconds_for_frames(model.encoder.min_input_frames)
+    shortest = model.frontend.seconds_for_frames(model.encoder.min_input_frames)
     data = replace(
         config.data,
         max_frames=max_frames,
@@ -111,7 +112,7 @@ def decode_manifest(
             best = (
                 decode_batch(model, batch, options)
                 if session is None
-                else decode_ctc_log_probs(*session(batch.feats, batch.feat_lens), options)
+                else decode_ctc_log_probs(*_onnx_log_probs(session, batch, per_row), options)
             )
             model_seconds += time.perf_counter() - start
             audio_seconds += sum(batch.durations)
@@ -151,3 +152,16 @@ def decode_manifest(
     }
     (out_dir / "decode.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _onnx_log_probs(session, batch, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported graph's CTC log-probabilities for a batch: fbank and its lengths in,
+    or waveform and its lengths; one utterance at a time (`per_row`) where the graph
+    would let padding change the features (see SslFrontend.exact_for_padded_batches)."""
+    if batch.feats is not None:
+        return session(batch.feats, batch.feat_lens)
+    if not per_row:
+        return session(batch.audio, batch.audio_lens)
+    rows = [session(row[None, : int(n)], n[None]) for row, n in zip(batch.audio, batch.audio_lens)]
+    log_probs = torch.nn.utils.rnn.pad_sequence([lp[0] for lp, _ in rows], batch_first=True)
+    return log_probs, torch.cat([lens for _, lens in rows])

@@ -24,7 +24,6 @@ from torch.nn.utils.rnn import pad_sequence
 
 from echoic.data.audio import load_audio
 from echoic.data.dataset import Batch
-from echoic.data.features import compute_fbank
 from echoic.data.text import drop_spaces_between_cjk
 from echoic.decode.decoder import (
     DecodeOptions,
@@ -108,8 +107,6 @@ class Transcriber:
             context=(scorer or ScorerSettings()).build(self.tokenizer),
         )
         check_options(self.model, self.options)
-        if self.model.input_spec.kind != "fbank":
-            raise EchoicError("transcribe supports fbank models")
         self.segmentation = segmentation
         self.vad = SileroVad() if segmentation is not None else None
 
@@ -132,10 +129,10 @@ class Transcriber:
                     log.warning("%s: no speech found in %.1f s of audio", path, duration)
         if spans is None:
             # min_input_frames gives one encoder frame, which is enough to decode.
-            feats = _fbank(model, samples)
-            if feats.shape[0] < model.encoder.min_input_frames:
+            if model.frontend.num_frames(samples.shape[0]) < model.encoder.min_input_frames:
                 raise EchoicError(f"{path}: {duration:.2f} s is too short to transcribe")
-            (best,) = decode_batch(model, _batch([str(path)], [feats], [duration]), options)
+            inputs = _inputs(model, samples)
+            (best,) = decode_batch(model, _batch(model, [str(path)], [inputs], [duration]), options)
             text = tokenizer.decode(best.tokens)
             return Transcript(str(path), text, [TimedText(0.0, duration, text)])
         tokens = _decode_spans(model, samples, spans, options, str(path))
@@ -148,14 +145,17 @@ class Transcriber:
         return Transcript(str(path), text, segments)
 
 
-def _fbank(model: AsrModel, samples: np.ndarray) -> torch.Tensor:
-    spec = model.input_spec
-    return torch.from_numpy(
-        compute_fbank(samples, spec.sample_rate, replace(spec.fbank, dither=0.0))
-    )
+def _inputs(model: AsrModel, samples: np.ndarray) -> torch.Tensor:
+    """What a batch carries for these samples: fbank, or the waveform itself."""
+    return model.frontend.inputs_from_samples(torch.from_numpy(samples))
 
 
-def _batch(ids: list[str], feats: list[torch.Tensor], durations: list[float]) -> Batch:
+def _batch(
+    model: AsrModel, ids: list[str], inputs: list[torch.Tensor], durations: list[float]
+) -> Batch:
+    padded = pad_sequence(inputs, batch_first=True)
+    lengths = torch.tensor([f.shape[0] for f in inputs])
+    waveform = model.input_spec.kind == "waveform"
     return Batch(
         epoch=0,
         index=0,
@@ -164,10 +164,10 @@ def _batch(ids: list[str], feats: list[torch.Tensor], durations: list[float]) ->
         durations=durations,
         tokens=None,
         token_lens=None,
-        feats=pad_sequence(feats, batch_first=True),
-        feat_lens=torch.tensor([f.shape[0] for f in feats]),
-        audio=None,
-        audio_lens=None,
+        feats=None if waveform else padded,
+        feat_lens=None if waveform else lengths,
+        audio=padded if waveform else None,
+        audio_lens=lengths if waveform else None,
     )
 
 
@@ -182,26 +182,29 @@ def _decode_spans(
     for a span too short for the encoder (logged). Spans are batched by length, up to
     MAX_BATCH_FRAMES padded frames, so padding stays small."""
     rate = model.input_spec.sample_rate
-    # Each span's fbank from its own samples, as if it had been its own file.
-    feats = [_fbank(model, samples[round(s * rate) : round(e * rate)]) for s, e in spans]
+    # Each span's inputs from its own samples, as if it had been its own file.
+    pieces = [samples[round(s * rate) : round(e * rate)] for s, e in spans]
+    feats = [_inputs(model, piece) for piece in pieces]
+    frames = [model.frontend.num_frames(piece.shape[0]) for piece in pieces]
     results: list[tuple[int, ...] | None] = [None] * len(spans)
-    usable = [i for i, f in enumerate(feats) if f.shape[0] >= model.encoder.min_input_frames]
+    usable = [i for i, f in enumerate(frames) if f >= model.encoder.min_input_frames]
     if len(usable) < len(spans):
         log.warning(
             "%s: %d segments too short for the encoder were skipped",
             path,
             len(spans) - len(usable),
         )
-    usable.sort(key=lambda i: feats[i].shape[0])
+    usable.sort(key=lambda i: frames[i])
     batch: list[int] = []
     for k, i in enumerate(usable):
         batch.append(i)
         # Sorted by length: the next span is the longest, so it sets the padded size.
         following = usable[k + 1] if k + 1 < len(usable) else None
-        if following is None or (len(batch) + 1) * feats[following].shape[0] > MAX_BATCH_FRAMES:
+        if following is None or (len(batch) + 1) * frames[following] > MAX_BATCH_FRAMES:
             ids = [f"{path}@{spans[j][0]:.2f}" for j in batch]
             durations = [spans[j][1] - spans[j][0] for j in batch]
-            best = decode_batch(model, _batch(ids, [feats[j] for j in batch], durations), options)
+            inputs = _batch(model, ids, [feats[j] for j in batch], durations)
+            best = decode_batch(model, inputs, options)
             for j, hypothesis in zip(batch, best):
                 results[j] = hypothesis.tokens
             batch = []

@@ -98,6 +98,35 @@ class AsrModel(nn.Module):
     def input_spec(self) -> InputSpec:
         return self.frontend.input_spec
 
+    def start_step(self, step: int) -> None:
+        """The trainer calls this before optimizer step `step + 1` (and on resume)."""
+        self.frontend.start_step(step)
+
+    @property
+    def unfreezes_during_training(self) -> bool:
+        """Whether the set of trained parameters grows during training (an SSL upstream
+        unfrozen after N steps): DDP fixes that set when it wraps the model."""
+        return getattr(self.frontend, "unfreezes_during_training", False)
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups, each with an `lr_scale`: the SSL upstream's
+        trained parameters in a group of their own, everything else at scale 1. Never
+        trained parameters (a frozen upstream) are in none."""
+        upstream = []
+        trained = getattr(self.frontend, "trained_upstream_parameters", None)
+        if trained is not None:
+            upstream = trained()
+        fixed = set()
+        ssl = getattr(self.frontend, "upstream", None)
+        if ssl is not None:
+            fixed = {id(p) for p in ssl.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in fixed]
+        groups = [{"params": rest, "lr_scale": 1.0, "name": "model"}]
+        if upstream:
+            scale = self.frontend.config.lr_scale
+            groups.append({"params": upstream, "lr_scale": scale, "name": "ssl_upstream"})
+        return groups
+
     @property
     def accuracy_head(self) -> nn.Module:
         """The head th_accuracy comes from: attention, else CTC, else transducer."""
@@ -170,7 +199,12 @@ def build_model(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = N
     if cmvn is not None:
         frontend.set_cmvn(cmvn)
     kind = config.encoder.conformer or config.encoder.transformer
-    encoder = Encoder(kind, input_dim=frontend.output_dim)
+    encoder = Encoder(
+        kind,
+        input_dim=frontend.output_dim,
+        frame_shift=frontend.frame_shift,
+        input_source=frontend.output_source,
+    )
     dim = encoder.output_dim
     sos_eos = vocab_size - 1  # the tokenizer layout: <blank> 0, <unk> 1, ..., <sos/eos> last
     return AsrModel(

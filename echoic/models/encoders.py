@@ -1,8 +1,11 @@
-"""Encoders: Conformer and Transformer, with conv2d subsampling by 4, 6 or 8.
+"""Encoders: Conformer and Transformer, with conv2d subsampling by 4, 6 or 8 (fbank
+frames) or a linear / conv1d front keeping 1x or reducing 2x (self-supervised frames).
 
-An encoder is built from its config and the frontend's `output_dim` (never typed in
-a config) and reports its own `output_dim`, `subsampling` factor and the shortest
-input it can take (`min_input_frames`).
+An encoder is built from its config and the frontend's `output_dim` and frame shift
+(never typed in a config) and reports its own `output_dim`, `subsampling` factor and
+the shortest input it can take (`min_input_frames`). `subsampling: auto` (the
+default) reduces the frontend's frames to 40 ms: 4x for 10 ms fbank, 2x for the
+20 ms frames of wav2vec2-style models.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from echoic.errors import ConfigError
 from echoic.models.layers import (
     ConvModule,
     Dropout,
@@ -28,6 +32,12 @@ from echoic.models.layers import (
 
 # (kernel, stride) of each conv2d layer, per subsampling factor.
 _SUBSAMPLING_LAYERS = {4: ((3, 2), (3, 2)), 6: ((3, 2), (5, 3)), 8: ((3, 2), (3, 2), (3, 2))}
+# Over wide self-supervised features (768 and up) a conv2d over the feature axis would
+# be huge and pointless: 1x is a linear map, 2x one conv1d over time.
+_TIME_ONLY_LAYERS = {1: ((1, 1),), 2: ((3, 2),)}
+TARGET_FRAME_SHIFT = 0.04  # seconds per encoder frame that `subsampling: auto` aims at
+
+Subsampling = Literal["auto", 1, 2, 4, 6, 8]
 
 
 @dataclass(frozen=True)
@@ -39,10 +49,15 @@ class ConformerConfig:
     conv_kernel: int = 15  # depthwise convolution width, odd
     conv_norm: Literal["batch_norm", "layer_norm"] = "batch_norm"
     positional: Literal["rel_pos", "rope"] = "rel_pos"  # rel_pos: Transformer-XL (as the paper)
-    subsampling: Literal[4, 6, 8] = 4  # time reduction of the conv2d front
+    # time reduction of the front: auto (to 40 ms frames, from the frontend's frame shift),
+    # 4, 6, 8 (conv2d, for fbank), 1 or 2 (linear / conv1d, for self-supervised features)
+    subsampling: Subsampling = "auto"
     subsampling_channels: int | None = None  # conv2d channels; None means d_model
     dropout: float = 0.1  # on block outputs, feed-forward hidden units and positions
     attention_dropout: float = 0.0  # on attention weights
+    # Never needed: the input width is the frontend's output_dim. A value here is only
+    # checked against it, before the first step.
+    input_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -60,10 +75,11 @@ class TransformerConfig:
     num_heads: int = 4
     ffn_dim: int = 2048
     positional: Literal["absolute", "rel_pos", "rope"] = "absolute"  # absolute: sinusoids added
-    subsampling: Literal[4, 6, 8] = 4
+    subsampling: Subsampling = "auto"  # as ConformerConfig's
     subsampling_channels: int | None = None
     dropout: float = 0.1
     attention_dropout: float = 0.0
+    input_dim: int | None = None  # as ConformerConfig's: only checked
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -123,6 +139,44 @@ class Conv2dSubsampling(nn.Module):
         batch, channels, frames, freq = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, frames, freq * channels)
         return self.linear(x), self.output_lengths(lengths)
+
+
+class TimeSubsampling(nn.Module):
+    """A linear map (1x) or one conv1d over time, kernel 3 stride 2, then ReLU and a
+    linear map (2x). (B, T, F) -> (B, T', d_model). Same interface as Conv2dSubsampling."""
+
+    def __init__(self, input_dim: int, d_model: int, factor: int) -> None:
+        super().__init__()
+        if factor not in _TIME_ONLY_LAYERS:
+            raise ValueError(f"time-only subsampling must be 1 or 2, got {factor}")
+        self.layers = _TIME_ONLY_LAYERS[factor]
+        self.factor = factor
+        ((kernel, stride),) = self.layers
+        self.conv = nn.Conv1d(input_dim, d_model, kernel, stride) if factor > 1 else None
+        self.linear = nn.Linear(d_model if factor > 1 else input_dim, d_model)
+        self.min_input_frames = self.input_frames_for(1)
+
+    input_frames_for = Conv2dSubsampling.input_frames_for
+    output_lengths = Conv2dSubsampling.output_lengths
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.conv is not None:
+            x = torch.relu(self.conv(x.transpose(1, 2))).transpose(1, 2)
+        return self.linear(x), self.output_lengths(lengths)
+
+
+def subsampling_factor(config: ConformerConfig | TransformerConfig, frame_shift: float) -> int:
+    """The configured factor, or for `auto` the one that makes `frame_shift`-second input
+    frames 40 ms encoder frames (4 for 10 ms fbank, 2 for 20 ms SSL frames)."""
+    if config.subsampling != "auto":
+        return config.subsampling
+    factor = round(TARGET_FRAME_SHIFT / frame_shift)
+    if factor not in (1, 2, 4, 6, 8) or abs(factor * frame_shift - TARGET_FRAME_SHIFT) > 1e-3:
+        raise ConfigError(
+            f"subsampling auto has no factor for {frame_shift * 1000:g} ms input frames "
+            "(it knows 1, 2, 4, 6, 8 to reach 40 ms): set the encoder's subsampling"
+        )
+    return factor
 
 
 class ConformerBlock(nn.Module):
@@ -187,13 +241,38 @@ class Encoder(nn.Module):
     forward: feats (B, T, F), lengths (B,) -> (B, T', D), lengths (B,).
     """
 
-    def __init__(self, config: ConformerConfig | TransformerConfig, input_dim: int) -> None:
+    def __init__(
+        self,
+        config: ConformerConfig | TransformerConfig,
+        input_dim: int,
+        frame_shift: float = 0.01,
+        input_source: str = "the frontend",
+    ) -> None:
+        """`input_dim` and `frame_shift` (seconds) are the frontend's; `input_source` says
+        where its width came from, for the error when the config's `input_dim` differs."""
         super().__init__()
+        if config.input_dim is not None and config.input_dim != input_dim:
+            kind = "conformer" if isinstance(config, ConformerConfig) else "transformer"
+            raise ConfigError(
+                f"model.encoder.{kind}.input_dim is {config.input_dim}, but the frontend "
+                f"gives {input_dim} ({input_source}): delete input_dim from the config "
+                "(the encoder always takes the frontend's width)"
+            )
         self.config = config
         self.output_dim = config.d_model
-        self.subsampling = Conv2dSubsampling(
-            input_dim, config.d_model, config.subsampling, config.subsampling_channels
-        )
+        factor = subsampling_factor(config, frame_shift)
+        if factor in _TIME_ONLY_LAYERS:
+            if config.subsampling_channels is not None:
+                raise ConfigError(
+                    f"subsampling_channels sets the conv2d front of 4x, 6x and 8x; this "
+                    f"encoder subsamples {factor}x ({input_source}, {frame_shift * 1000:g} ms "
+                    "frames): remove it"
+                )
+            self.subsampling = TimeSubsampling(input_dim, config.d_model, factor)
+        else:
+            self.subsampling = Conv2dSubsampling(
+                input_dim, config.d_model, factor, config.subsampling_channels
+            )
         self.min_input_frames = self.subsampling.min_input_frames
         self.positional = config.positional
         self.input_dropout = Dropout(config.dropout)

@@ -14,8 +14,10 @@ import yaml
 
 from echoic.config import apply_overrides, from_dict, load_yaml, to_dict
 from echoic.data.dataset import DataConfig
-from echoic.errors import ConfigError
+from echoic.errors import ConfigError, EchoicError
 from echoic.models.asr import ModelConfig
+from echoic.models.encoders import subsampling_factor
+from echoic.models.ssl import read_upstream
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +92,11 @@ class ExperimentConfig:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 on CPU")
         if self.optim.scheduler == "cosine" and self.train.max_steps is None:
             raise ValueError("optim.scheduler cosine needs train.max_steps (its length)")
+        if self.model.frontend.ssl is not None and self.data.spec_augment is not None:
+            raise ValueError(
+                "data.spec_augment masks fbank, and an SSL frontend takes waveform: "
+                "set data.spec_augment: null"
+            )
         fbank = self.model.frontend.fbank
         if self.data.feature_cache and fbank is not None and fbank.fbank.dither > 0:
             raise ValueError("data.feature_cache needs model.frontend.fbank.fbank.dither 0")
@@ -144,6 +151,8 @@ def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, 
     new config, each with why where it is not plain ("" otherwise)."""
     breaking = {}
     for key, _, _ in config_differences(old, new):
+        if key.endswith(".subsampling") and _subsampling(old) == _subsampling(new):
+            continue  # `auto` (the default since SSL frontends) and the factor it resolves to
         if key == "train.max_steps" and "cosine" in (old.optim.scheduler, new.optim.scheduler):
             # The schedule runs to min_lr at max_steps: another length changes the rate of
             # every step from here on (and of the steps already taken, in the new run).
@@ -151,6 +160,20 @@ def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, 
         elif key not in SAFE_TO_CHANGE:
             breaking[key] = _WHY_BREAKING.get(key, "")
     return breaking
+
+
+def _subsampling(config: ExperimentConfig) -> int | None:
+    """The encoder's subsampling factor, `auto` resolved; None where it cannot be."""
+    frontend = config.model.frontend
+    try:
+        if frontend.ssl is not None:
+            frame_shift = read_upstream(frontend.ssl.path, hash_files=False).frame_shift
+        else:
+            frame_shift = frontend.fbank.fbank.frame_shift_ms / 1000
+        encoder = config.model.encoder.conformer or config.model.encoder.transformer
+        return subsampling_factor(encoder, frame_shift)
+    except EchoicError:
+        return None
 
 
 def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[tuple[str, Any, Any]]:

@@ -190,6 +190,9 @@ class Trainer:
         model.encoder.gradient_checkpointing = train.gradient_checkpointing
         if weights is not None:
             load_model_weights(model, weights)
+        # The trained parameters at the step resumed from (an SSL upstream unfrozen after N
+        # steps): the optimizer state is matched to them when it is loaded.
+        model.start_step(state["step"] if state else 0)
         self.metric_units = model.metric_units
         if train.best_metric not in self.metric_units:
             raise ConfigError(
@@ -202,13 +205,20 @@ class Trainer:
         # Two encoder frames at least: the subsampling front needs min_input_frames for
         # one, and BatchNorm in training refuses a one-utterance batch of one frame.
         self._min_frames = model.encoder.subsampling.input_frames_for(2)
+        self._min_seconds = model.frontend.seconds_for_frames(self._min_frames)
+        if rt.distributed and model.unfreezes_during_training:
+            raise ConfigError(
+                "model.frontend.ssl.unfreeze_after_steps does not work under torchrun yet: "
+                "DDP fixes the trained parameters when it starts (train in one process, or "
+                "train frozen and then fine-tune from that checkpoint)"
+            )
         self.model = wrap(model.to(rt.device), rt, train.distributed)
 
         data = self.config.data
         # Nothing shorter than that may reach the model, after the fastest speed
         # perturbation too (one sample more: resampling may round the length down).
         fastest = max(1.0, *data.speed_perturb)
-        shortest = self.input_spec.seconds_for_frames(self._min_frames)
+        shortest = self._min_seconds
         min_duration = max(
             data.min_duration, (shortest + 1 / self.input_spec.sample_rate) * fastest
         )
@@ -256,7 +266,9 @@ class Trainer:
         optim = self.config.optim
         optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(
-            self.model.parameters(),
+            # A group per learning-rate scale (an SSL upstream's own); parameters that
+            # are never trained are in none.
+            unwrap(self.model).parameter_groups(),
             lr=optim.lr,
             betas=tuple(optim.betas),
             eps=optim.eps,
@@ -438,6 +450,8 @@ class Trainer:
 
     def _micro_step(self, batch: Batch, sync: bool) -> None:
         window = self._window
+        if window["micro"] == 0:  # a new optimizer step: the model may change with it
+            unwrap(self.model).start_step(self.step)
         no_sync = getattr(self.model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         self._reseed(batch.epoch, batch.index)
@@ -486,7 +500,7 @@ class Trainer:
             feats = torch.zeros(1, frames, spec.fbank.num_mel_bins)
             feat_lens = torch.tensor([frames])
         else:
-            samples = int(frames / spec.frames_per_second * spec.sample_rate)
+            samples = round(self._min_seconds * spec.sample_rate)
             audio, audio_lens = torch.zeros(1, samples), torch.tensor([samples])
         return Batch(
             epoch=0,
@@ -552,7 +566,7 @@ class Trainer:
         if not failed and weight > 0 and np.isfinite(grad_norm):
             lr = learning_rate(self.config.optim, self.step + 1, train.max_steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # older checkpoints lack it
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
             else:
