@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder to write (config.json, weights)")
     parser.add_argument("--type", choices=list(CLASSES), default="wav2vec2")
     parser.add_argument("--hidden", type=int, default=144, help="hidden size")
-    parser.add_argument("--layers", type=int, default=4, help="transformer layers")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--conv-dim", type=int, default=64, help="feature extractor channels")
+    parser.add_argument("--conv-dim", type=int, default=32, help="feature extractor channels")
     parser.add_argument(
         "--norm",
         choices=["group", "layer"],
