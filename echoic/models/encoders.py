@@ -28,6 +28,8 @@ from echoic.models.layers import (
     lengths_to_mask,
     rotary_tables,
     sinusoids,
+    strided_input_length,
+    strided_lengths,
 )
 
 # (kernel, stride) of each conv2d layer, per subsampling factor.
@@ -122,15 +124,10 @@ class Conv2dSubsampling(nn.Module):
 
     def input_frames_for(self, outputs: int) -> int:
         """The fewest input frames that give `outputs` output frames."""
-        frames = outputs
-        for kernel, stride in reversed(self.layers):
-            frames = (frames - 1) * stride + kernel
-        return frames
+        return strided_input_length(outputs, self.layers)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        for kernel, stride in self.layers:
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-        return lengths.clamp(min=0)
+        return strided_lengths(lengths, self.layers)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
@@ -156,8 +153,11 @@ class TimeSubsampling(nn.Module):
         self.linear = nn.Linear(d_model if factor > 1 else input_dim, d_model)
         self.min_input_frames = self.input_frames_for(1)
 
-    input_frames_for = Conv2dSubsampling.input_frames_for
-    output_lengths = Conv2dSubsampling.output_lengths
+    def input_frames_for(self, outputs: int) -> int:
+        return strided_input_length(outputs, self.layers)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return strided_lengths(lengths, self.layers)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.conv is not None:

@@ -21,6 +21,25 @@ def lengths_to_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def strided_lengths(lengths, layers: tuple[tuple[int, int], ...]):
+    """Output lengths of unpadded strided convolutions, (kernel, stride) each, for input
+    lengths: an int, or a tensor (as tensor operations, so that export traces them)."""
+    tensor = isinstance(lengths, torch.Tensor)
+    for kernel, stride in layers:
+        if tensor:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        else:
+            lengths = (lengths - kernel) // stride + 1
+    return lengths.clamp(min=0) if tensor else max(lengths, 0)
+
+
+def strided_input_length(outputs: int, layers: tuple[tuple[int, int], ...]) -> int:
+    """The fewest input frames that give `outputs` outputs through those convolutions."""
+    for kernel, stride in reversed(layers):
+        outputs = (outputs - 1) * stride + kernel
+    return outputs
+
+
 def _dropped(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """Bool mask, True with probability p (exact to 1/32768).
 

@@ -47,6 +47,7 @@ from torch import nn
 from echoic.data.dataset import Batch
 from echoic.data.features import InputSpec
 from echoic.errors import EchoicError
+from echoic.models.layers import strided_input_length, strided_lengths
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,11 @@ class UpstreamInfo:
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the feature extractor gives for `num_samples` samples."""
-        frames = num_samples
-        for kernel, stride in self.conv_layers:
-            frames = (frames - kernel) // stride + 1
-        return max(frames, 0)
+        return strided_lengths(num_samples, self.conv_layers)
 
     def samples_for_frames(self, frames: int) -> int:
         """The fewest samples that give `frames` frames."""
-        samples = frames
-        for kernel, stride in reversed(self.conv_layers):
-            samples = (samples - 1) * stride + kernel
-        return samples
+        return strided_input_length(frames, self.conv_layers)
 
     def describe(self) -> str:
         return f"hidden_size {self.hidden_size} in {self.folder / 'config.json'}"
@@ -418,13 +413,6 @@ class SslFrontend(nn.Module):
             features = torch.einsum("l,lbtd->btd", weights, torch.stack(states))
         return self.norm(features) if self.norm is not None else features
 
-    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) sample counts -> (B,) frame counts, as tensor operations (exportable)."""
-        frames = lengths
-        for kernel, stride in self.info.conv_layers:
-            frames = torch.div(frames - kernel, stride, rounding_mode="floor") + 1
-        return frames.clamp(min=0)
-
     def hidden_states(
         self, audio: torch.Tensor, lengths: torch.Tensor, static: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -436,7 +424,7 @@ class SslFrontend(nn.Module):
         upstream = self.upstream
         if self.info.do_normalize:
             audio = _normalize(audio, lengths)
-        frame_lens = self.frame_lengths(lengths)
+        frame_lens = strided_lengths(lengths, self.info.conv_layers)
         freeze_extractor = self.frozen or self.config.freeze == "feature_extractor"
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_extractor):
             if self.info.group_norm and not static:  # normalises over time: each alone
