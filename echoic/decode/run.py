@@ -149,6 +149,7 @@ def decode_manifest(
         "threads": torch.get_num_threads(),
         "loader_workers": num_workers,
         "runtime": runtime,
+        "input": model.input_spec.kind,  # fbank, or waveform (an SSL frontend)
     }
     (out_dir / "decode.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -132,6 +132,15 @@ class AsrModel(nn.Module):
         """The head th_accuracy comes from: attention, else CTC, else transducer."""
         return getattr(self, self._accuracy_head)
 
+    def token_indexed_parameters(self) -> list[str]:
+        """State-dict keys whose first dimension is indexed by token id."""
+        names = []
+        for name in ("ctc", "attention", "transducer"):
+            head = getattr(self, name)
+            if head is not None:
+                names += [f"{name}.{key}" for key in head.token_indexed()]
+        return names
+
     @property
     def heads(self) -> list[nn.Module]:
         return [h for h in (self.ctc, self.attention, self.transducer) if h is not None]

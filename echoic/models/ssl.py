@@ -321,15 +321,17 @@ class SslFrontend(nn.Module):
         upstream is frozen until `unfreeze_after_steps` steps are done."""
         after = self.config.unfreeze_after_steps
         frozen = self.config.freeze == "all" or (after is not None and step < after)
-        if frozen == self.frozen and step > 0:
-            return
+        changed = frozen != self.frozen
         if self.frozen and not frozen:
             log.info("step %d: the SSL upstream is trained from here on", step + 1)
         self.frozen = frozen
+        # Set every time, not only on a change: a fine-tuning stage may have set them
+        # (echoic/train/finetune.py), and this is the upstream's own schedule.
         fixed = {id(p) for p in self._fixed_parameters()}
         for parameter in self.upstream.parameters():
             parameter.requires_grad_(not frozen and id(parameter) not in fixed)
-        self.train(self.training)
+        if changed or step == 0:
+            self.train(self.training)
 
     def train(self, mode: bool = True) -> SslFrontend:
         super().train(mode)

@@ -81,13 +81,84 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """Weights to start a new run from (not used when a run resumes: its checkpoint is)."""
+
+    # An experiment folder (its best checkpoint by dev, else its newest), a checkpoint
+    # folder, or a .safetensors file (a checkpoint's, or `echoic average`'s).
+    checkpoint: str
+    include: list[str] = field(default_factory=list)  # names (see finetune.py); [] = all
+    exclude: list[str] = field(default_factory=list)
+    rename: dict[str, str] = field(default_factory=dict)  # checkpoint prefix -> model prefix
+    strict: bool = True  # a missing, unexpected or mis-shaped key is an error
+
+    def __post_init__(self) -> None:
+        for old, new in self.rename.items():
+            if not old or not new:
+                raise ValueError("rename needs non-empty prefixes on both sides")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of a staged run: how long, what is trained, at what rate. Options left
+    null take the run's (`optim`), and the schedule restarts at each stage."""
+
+    name: str | None = None  # default: stage1, stage2, ...
+    steps: int | None = None  # its length; the last stage may have none (train.max_*)
+    epochs: int | None = None  # counted in whole epochs from the first epoch start
+    freeze: list[str] = field(default_factory=list)  # on top of the run's `freeze`
+    train_only: list[str] | None = None  # or: everything else is frozen
+    lr: float | None = None
+    warmup_steps: int | None = None
+    scheduler: Literal["noam", "cosine", "constant"] | None = None
+    min_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("a stage has steps or epochs, not both")
+        if (self.steps is not None and self.steps < 1) or (
+            self.epochs is not None and self.epochs < 1
+        ):
+            raise ValueError("a stage's steps or epochs must be at least 1")
+        if self.freeze and self.train_only is not None:
+            raise ValueError("a stage has freeze or train_only, not both")
+        if self.train_only is not None and not self.train_only:
+            raise ValueError("train_only needs at least one name")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataSection
     model: ModelConfig
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    init: InitConfig | None = None
+    # Parameter names (echoic/train/finetune.py): a name is a parameter or any dotted
+    # prefix of one, '*' standing for one part (encoder.layers.*.conv).
+    freeze: list[str] = field(default_factory=list)
+    # eval: frozen modules also stay in eval mode (fixed dropout and BatchNorm statistics)
+    freeze_mode: Literal["train", "eval"] = "train"
+    lr_scale: dict[str, float] = field(default_factory=dict)  # name -> learning-rate factor
+    stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name, scale in self.lr_scale.items():
+            if scale <= 0:
+                raise ValueError(f"lr_scale of '{name}' must be positive (freeze it instead)")
+        names = [stage.name for stage in self.stages if stage.name is not None]
+        if len(set(names)) != len(names):
+            raise ValueError("stage names must differ")
+        for index, stage in enumerate(self.stages):
+            last = index == len(self.stages) - 1
+            if stage.steps is None and stage.epochs is None and not last:
+                raise ValueError(f"stages[{index}] needs steps or epochs (only the last may not)")
+            scheduler = stage.scheduler or self.optim.scheduler
+            if (
+                scheduler == "cosine"
+                and stage.steps is None
+                and not (last and self.train.max_steps is not None)
+            ):
+                raise ValueError(f"stages[{index}]: the cosine schedule needs the stage's steps")
         if self.train.precision == "fp16" and self.train.device == "cpu":
             raise ValueError("train.precision fp16 needs CUDA; use bf16 on CPU")
         if self.optim.scheduler == "cosine" and self.train.max_steps is None:
@@ -157,7 +228,8 @@ def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, 
             # The schedule runs to min_lr at max_steps: another length changes the rate of
             # every step from here on (and of the steps already taken, in the new run).
             breaking[key] = "which is the cosine schedule's length"
-        elif key not in SAFE_TO_CHANGE:
+        elif key not in SAFE_TO_CHANGE and key.split(".")[0] != "init":
+            # (`init` is read when a run starts, never on resume: the checkpoint is.)
             breaking[key] = _WHY_BREAKING.get(key, "")
     return breaking
 

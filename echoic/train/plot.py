@@ -32,6 +32,18 @@ def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
             if points:
                 steps, values = zip(*points)
                 axis.plot(steps, values, style, label=split, markersize=3)
+        for step, stage in _stage_starts(records):
+            axis.axvline(step, color="grey", linestyle=":", linewidth=1)
+            if key == panels[0][0]:
+                axis.annotate(
+                    f"stage {stage}",
+                    (step, 1),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    va="top",
+                    ha="left",
+                    color="grey",
+                )
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -42,3 +54,16 @@ def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
+
+
+def _stage_starts(records: list[dict]) -> list[tuple[int, int]]:
+    """(step, stage) where a staged run's stage changes: the step of the last train line
+    of the stage before (the boundary lies between it and the next line)."""
+    starts, previous = [], None
+    for record in records:
+        if record["split"] != "train" or "stage" not in record:
+            continue
+        if previous is not None and record["stage"] != previous[1]:
+            starts.append((previous[0], record["stage"]))
+        previous = (record["step"], record["stage"])
+    return starts

@@ -6,6 +6,9 @@ split before anything else, so no held-out sentence (dev, test, test_open) occur
 train or repeats 5 words in a row of a train sentence, and some voices are reserved
 for the test splits. Synthesis then runs in parallel; every utterance's audio depends
 only on its own plan, so the corpus is byte-identical whatever `jobs` is.
+
+`domain` "shifted" plans a second English corpus the same way from other sentences and
+voices (text_source.py and voices.py list them), for fine-tuning experiments.
 """
 
 from __future__ import annotations
@@ -86,14 +89,16 @@ def plan_corpus(
     seed: int,
     voices: Sequence[Voice],
     *,
+    domain: str = "demo",
     dev_fraction: float = 0.05,
     test_fraction: float = 0.05,
     open_fraction: float = OPEN_TEST_FRACTION,
 ) -> list[PlannedUtterance]:
     """Every utterance's sentence, voice and prosody. Pure: no audio is made here."""
-    pool = sentences(lang)
+    pool = sentences(lang, domain)
+    tag = corpus_tag(lang, domain)
     sizes = split_sizes(num_utts, dev_fraction, test_fraction, open_fraction)
-    order = make_rng(seed, lang, "sentences").permutation(len(pool))
+    order = make_rng(seed, tag, "sentences").permutation(len(pool))
     held_out = sizes["test"] + sizes["dev"] + sizes[OPEN_SPLIT]
     if held_out >= len(pool):
         raise EchoicError(f"only {len(pool)} sentences available: ask for fewer utterances")
@@ -142,9 +147,16 @@ def plan_corpus(
         for number in range(sizes[split]):
             text = pool[ids[number % len(ids)]]
             plans.append(
-                _plan_utterance(f"{lang}-{split}-{number:06d}", split, text, voices, seed, lang)
+                _plan_utterance(f"{tag}-{split}-{number:06d}", split, text, voices, seed, tag)
             )
     return plans
+
+
+def corpus_tag(lang: str, domain: str) -> str:
+    """What utterance ids start with and random draws are keyed by: the language alone
+    for the demo domain (as before domains existed, so its corpus stays byte-identical),
+    "en-shifted" for the shifted one, so that its ids never collide with the demo's."""
+    return lang if domain == "demo" else f"{lang}-{domain}"
 
 
 def _match_lengths(
@@ -187,10 +199,10 @@ def _deal(
 
 
 def _plan_utterance(
-    utt_id: str, split: str, text: str, voices: Sequence[Voice], seed: int, lang: str
+    utt_id: str, split: str, text: str, voices: Sequence[Voice], seed: int, tag: str
 ) -> PlannedUtterance:
     """Voice, rate, pitch and level of one utterance, from (seed, utterance id)."""
-    rng = make_rng(seed, lang, "voice", utt_id)
+    rng = make_rng(seed, tag, "voice", utt_id)
     test_voices = [v for v in voices if v.test_only]
     # test_open has test's voices, so that the two WERs differ by their sentences only.
     if split in ("test", OPEN_SPLIT) and test_voices and rng.random() < TEST_ONLY_SHARE:
@@ -207,7 +219,13 @@ def _plan_utterance(
 
 
 def plan_hotword_test(
-    plans: Sequence[PlannedUtterance], lang: str, seed: int, voices: Sequence[Voice], count: int
+    plans: Sequence[PlannedUtterance],
+    lang: str,
+    seed: int,
+    voices: Sequence[Voice],
+    count: int,
+    *,
+    domain: str = "demo",
 ) -> tuple[list[PlannedUtterance], list[str], list[str]]:
     """A test set for biasing: `count` unused sentences, each with a rare word that never
     occurs in train (the word is its hotword), and as many distractor hotwords that occur
@@ -215,7 +233,8 @@ def plan_hotword_test(
     biasing, not unseen voices. Returns (plans, hotwords, distractors)."""
     if lang != "en":
         raise EchoicError("--hotword-test is for English corpora")
-    pool = sentences(lang)
+    pool = sentences(lang, domain)
+    tag = corpus_tag(lang, domain)
     used = {p.text for p in plans}
     train = [p.text for p in plans if p.split == "train"]
     train_words = {w for text in train for w in text.split()}
@@ -233,7 +252,7 @@ def plan_hotword_test(
     unused = [s for s in pool if s not in used and not seen.repeats(s)]
     chosen: list[tuple[str, str]] = []
     taken: set[str] = set()
-    for index in make_rng(seed, lang, "hotword-sentences").permutation(len(unused)):
+    for index in make_rng(seed, tag, "hotword-sentences").permutation(len(unused)):
         sentence = unused[index]
         candidates = [w for w in sentence.split() if rare(w) and w not in taken]
         if candidates:
@@ -244,16 +263,16 @@ def plan_hotword_test(
                 break
     in_chosen = {w for sentence, _ in chosen for w in sentence.split()}
     others = sorted({w for s in unused for w in s.split() if rare(w) and w not in in_chosen})
-    order = make_rng(seed, lang, "distractors").permutation(len(others))
+    order = make_rng(seed, tag, "distractors").permutation(len(others))
     distractors = [others[i] for i in order[: len(chosen)]]
     test_plans = [
         _plan_utterance(
-            f"{lang}-hotword-{n:06d}",
+            f"{tag}-hotword-{n:06d}",
             HOTWORD_SPLIT,
             sentence,
             [v for v in voices if not v.test_only],
             seed,
-            lang,
+            tag,
         )
         for n, (sentence, _) in enumerate(chosen)
     ]
@@ -355,18 +374,21 @@ def synthesize_corpus(
     jobs: int | None = None,
     hotword_test: int = 0,
     progress: bool = True,
+    domain: str = "demo",
 ) -> dict:
     """Write wav/<split>/*.wav, train.jsonl, dev.jsonl, test.jsonl, lm_text.txt and
     corpus.json under `out_dir` (with `hotword_test` > 0 also hotword_test.jsonl and
     hotwords.txt). Returns the corpus summary (also in corpus.json)."""
     out_dir = Path(out_dir)
-    voices = check_voices(voices_for(lang), lang)
-    plans = plan_corpus(lang, num_utts, seed, voices)
+    voices = check_voices(voices_for(lang, domain), lang)
+    plans = plan_corpus(lang, num_utts, seed, voices, domain=domain)
     splits = (*SPLITS, OPEN_SPLIT)
     hotwords: list[str] = []
     distractors: list[str] = []
     if hotword_test:
-        extra, hotwords, distractors = plan_hotword_test(plans, lang, seed, voices, hotword_test)
+        extra, hotwords, distractors = plan_hotword_test(
+            plans, lang, seed, voices, hotword_test, domain=domain
+        )
         plans = [*plans, *extra]
         splits = (*splits, HOTWORD_SPLIT)
         listed = sorted(hotwords + distractors)
@@ -389,18 +411,19 @@ def synthesize_corpus(
                     lengths.update(written)
                     bar.update(len(written))
     summary = _write_manifests(out_dir, plans, lengths, lang, splits)
-    text = lm_text(plans, lang, excluded_words=set(hotwords + distractors))
+    text = lm_text(plans, lang, excluded_words=set(hotwords + distractors), domain=domain)
     train_sentences = sum(p.split == "train" for p in plans)
     summary["lm_text"] = {"sentences": len(text), "text_only": len(text) - train_sentences}
     if hotword_test:
         summary["hotwords"] = {"in_sentences": len(hotwords), "distractors": len(distractors)}
     summary.update(
         lang=lang,
+        domain=domain,
         seed=seed,
         noise_snr=noise_snr,
         voices=[v.id for v in voices if not v.test_only],
         test_only_voices=[v.id for v in voices if v.test_only],
-        dropped_voices=[v.id for v in voices_for(lang) if v not in voices],
+        dropped_voices=[v.id for v in voices_for(lang, domain) if v not in voices],
     )
     (out_dir / "corpus.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     # Last, so that its presence means a finished corpus (make demo's file target).
@@ -408,7 +431,9 @@ def synthesize_corpus(
     return summary
 
 
-def lm_text(plans: Sequence[PlannedUtterance], lang: str, excluded_words: set[str]) -> list[str]:
+def lm_text(
+    plans: Sequence[PlannedUtterance], lang: str, excluded_words: set[str], domain: str = "demo"
+) -> list[str]:
     """Text to train a language model on, like LibriSpeech's LM corpus: the train
     transcripts, then every sentence of the pool that no split speaks. Sentences of
     the held-out splits never occur, nor does any 5-word stretch of one (a text-only
@@ -418,7 +443,7 @@ def lm_text(plans: Sequence[PlannedUtterance], lang: str, excluded_words: set[st
     held_out = StretchIndex((p.text for p in plans if p.split != "train"), lang)
     text_only = [
         s
-        for s in sentences(lang)
+        for s in sentences(lang, domain)
         if s not in spoken and excluded_words.isdisjoint(s.split()) and not held_out.contains(s)
     ]
     return [*(p.text for p in plans if p.split == "train"), *text_only]

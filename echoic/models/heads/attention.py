@@ -144,6 +144,14 @@ class AttentionHead(nn.Module):
         )
         return loss, logits, ys_out
 
+    def token_indexed(self) -> list[str]:
+        """Parameters whose first dimension is indexed by token id (rows moved, not
+        reloaded, when fine-tuning with another vocabulary)."""
+        names = ["decoder.embed.weight", "decoder.out.weight", "decoder.out.bias"]
+        if self.reverse_decoder is not None:
+            names += [f"reverse_{name}" for name in names]
+        return names
+
     def forward(
         self, encoded, encoded_lens, tokens, token_lens, *, with_accuracy: bool = False
     ) -> HeadOutput:

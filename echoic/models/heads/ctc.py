@@ -45,6 +45,11 @@ class CtcHead(nn.Module):
         repeats = ((tokens[:, 1:] == tokens[:, :-1]) & inside).sum(dim=1)
         return token_lens + repeats
 
+    def token_indexed(self) -> list[str]:
+        """Parameters whose first dimension is indexed by token id (rows moved, not
+        reloaded, when fine-tuning with another vocabulary)."""
+        return ["proj.weight", "proj.bias"]
+
     def greedy(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """Best path: argmax per frame, repeats merged, blanks removed."""
         hypotheses = []

@@ -146,6 +146,11 @@ class TransducerHead(nn.Module):
             self.predictor = StatelessPredictor(vocab_size, kind.stateless, blank_id)
         self.joiner = Joiner(input_dim, self.predictor.output_dim, config.joiner_dim, vocab_size)
 
+    def token_indexed(self) -> list[str]:
+        """Parameters whose first dimension is indexed by token id (rows moved, not
+        reloaded, when fine-tuning with another vocabulary)."""
+        return ["predictor.embed.weight", "joiner.out.weight", "joiner.out.bias"]
+
     def forward(
         self, encoded, encoded_lens, tokens, token_lens, *, with_accuracy: bool = False
     ) -> HeadOutput:
