@@ -152,6 +152,10 @@ def test_lr_scale_makes_param_groups_and_freeze_mode_eval_fixes_modules(tmp_path
     assert not any(".ff." in n and n.startswith("attention.") for n in in_optimizer)
     for group in trainer.optimizer.param_groups:
         assert group["lr"] == pytest.approx(trainer.config.optim.lr / 5 * group["lr_scale"])
+    # metrics.jsonl logs the schedule's rate, not the first group's scaled one
+    (line,) = [json.loads(x) for x in deterministic_lines(tmp_path / "exp") if '"train"' in x]
+    assert trainer.optimizer.param_groups[0]["lr_scale"] != 1.0
+    assert line["lr"] == pytest.approx(trainer.config.optim.lr / 5)
     trainer._train_mode()
     assert not model.attention.decoder.layers[0].ff.training
     assert model.attention.decoder.layers[0].self_attn.training

@@ -734,7 +734,8 @@ class Trainer:
     def _log_train(self) -> None:
         values = self.tracker.reduced(self.runtime)
         self.tracker = MetricSums(self.metric_units)
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)  # the schedule's, whatever group is first
         record = {
             "split": "train",
             "step": self.step,
