@@ -29,8 +29,11 @@ lint: python
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two test processes of one thread each: most tests are small models, subprocesses and
+# waits, which one process leaves a core idle for. Tests that share a trained model run
+# in one process (xdist_group "trained"), so it is trained once.
 test: setup lint
-	$(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(JOBS) --dist loadgroup
 
 ECHOIC := $(VENV)/bin/echoic
 CORPUS := $(DATA)/synth_en

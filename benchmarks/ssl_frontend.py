@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from echoic.data.dataset import Batch
-from echoic.models.asr import EncoderConfig, ModelConfig, build_model
-from echoic.models.encoders import ConformerConfig
+from echoic.models.encoders import ConformerConfig, EncoderConfig
 from echoic.models.frontend import FrontendConfig
 from echoic.models.heads.ctc import CtcConfig
+from echoic.models.model import ModelConfig, build_model
 from echoic.models.ssl import SslFrontendConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package

@@ -24,6 +24,9 @@ from echoic.decode.decoder import (
 from echoic.decode.search import attention_beam, attention_rescoring, ctc_prefix_beam
 from echoic.errors import EchoicError
 
+# Tests that use the session's `trained` models share one xdist worker (Makefile).
+pytestmark = pytest.mark.xdist_group("trained")
+
 # -- the context graph ------------------------------------------------------------------------
 
 

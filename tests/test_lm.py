@@ -15,6 +15,9 @@ from echoic.decode.lm import END, WordLM, read_lm_text
 from echoic.decode.search import ctc_prefix_beam
 from echoic.errors import EchoicError
 
+# Tests that use the session's `trained` models share one xdist worker (Makefile).
+pytestmark = pytest.mark.xdist_group("trained")
+
 SENTENCES = ["the cat sat", "the cat ran", "a dog sat", "the dog ran home"]
 
 

@@ -23,6 +23,9 @@ from echoic.decode.segment import (
 from echoic.errors import EchoicError
 from echoic.score import score_texts
 
+# Tests that use the session's `trained` models share one xdist worker (Makefile).
+pytestmark = pytest.mark.xdist_group("trained")
+
 GAP = 0.5  # seconds of silence between utterances in a long file
 RATE = 16000
 

@@ -8,11 +8,12 @@ from echoic.config import from_dict
 from echoic.data.dataset import Batch
 from echoic.data.features import CmvnStats, FbankConfig
 from echoic.errors import ConfigError, EchoicError
-from echoic.models.asr import AsrModel, ModelConfig, build_model
+from echoic.models.asr import AsrModel
 from echoic.models.contract import ContractError, Metric, check_step_output
 from echoic.models.encoders import ConformerConfig, Conv2dSubsampling, Encoder, TransformerConfig
 from echoic.models.heads.ctc import CtcHead
 from echoic.models.layers import Dropout, MultiHeadAttention, RelativePositions
+from echoic.models.model import ModelConfig, build_model
 
 VOCAB = 12
 TINY = {"d_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64}

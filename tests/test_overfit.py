@@ -13,8 +13,12 @@ from echoic.data.features import FbankConfig
 from echoic.data.manifest import Manifest, read_manifest
 from echoic.data.prepare import compute_cmvn
 from echoic.data.tokenizer import CharTokenizer
-from echoic.models.asr import AsrModel, ModelConfig, build_model
+from echoic.models.asr import AsrModel
 from echoic.models.contract import check_step_output
+from echoic.models.model import ModelConfig, build_model
+
+# Tests that use the session's `trained` models share one xdist worker (Makefile).
+pytestmark = pytest.mark.xdist_group("trained")
 
 ENCODER = {
     "conformer": {

@@ -395,7 +395,7 @@ def test_ddp_on_two_processes_matches_one_process_and_resumes_on_one(tmp_path, c
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29571",
+        "--standalone",  # a free port: tests may run side by side
         "-m",
         "echoic",
         "train",

@@ -141,7 +141,9 @@ def test_workers_die_with_their_parent():
                 import os, time
                 from echoic.data.workers import fork_map
                 def work(x):
-                    print(os.getpid(), flush=True)
+                    # One write each (a pipe keeps writes under 4 KiB whole): print's
+                    # buffered writes from two processes once came out interleaved.
+                    os.write(1, f"{os.getpid()}\\n".encode())
                     while True:
                         time.sleep(1)
                 for _ in fork_map(work, [0, 1], 2):
@@ -153,7 +155,7 @@ def test_workers_die_with_their_parent():
         stdout=subprocess.PIPE,
         text=True,
     )
-    workers = [int(done.stdout.readline()) for _ in range(2)]
+    workers = [int(done.stdout.readline()) for _ in range(2)]  # blocks until both started
     done.kill()  # SIGKILL: the parent runs no cleanup at all
     done.wait(10)
     deadline = time.monotonic() + 10

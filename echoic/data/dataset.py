@@ -102,6 +102,9 @@ class Batch:
     unknown_chars: Counter[str] = field(default_factory=Counter)
     # Waveform batches count frames of 10 ms (as `max_frames` does): samples per frame.
     samples_per_frame: int = 1
+    # The seed the batch's augmentation drew from: a model that draws per-utterance
+    # choices of its own (Paraformer's glancing) draws them from (seed, epoch, id) too.
+    seed: int = 0
 
     @property
     def size(self) -> int:
@@ -305,6 +308,7 @@ class AsrDataset:
             skipped=skipped,
             unknown_chars=unknown,
             samples_per_frame=1 if feats is not None else waveform_frame_samples(self.input_spec),
+            seed=self.seed,
         )
 
 

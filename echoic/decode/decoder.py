@@ -28,7 +28,8 @@ from echoic.decode.search import (
     rnnt_greedy,
 )
 from echoic.errors import ConfigError, EchoicError
-from echoic.models.asr import AsrModel, build_model
+from echoic.models.base import EncoderModel
+from echoic.models.model import build_model
 from echoic.train.checkpoint import average_weights, list_checkpoints, load_checkpoint
 from echoic.train.config import ExperimentConfig, parse_experiment
 
@@ -100,6 +101,12 @@ def _rnnt_beam(model, encoded, lens, options):
     ]
 
 
+def _paraformer(model, encoded, lens, options):
+    return [
+        [Hypothesis(d.tokens, d.score, times=d.times)] for d in model.parallel_decode(encoded, lens)
+    ]
+
+
 # name -> (heads it needs, search, whether it accepts hotwords). `decode_batch` runs the
 # encoder on the whole batch; of the searches, ctc_greedy, attention (B * beam decoder
 # rows per step) and rnnt_greedy step through the batch together, the others loop over
@@ -111,26 +118,29 @@ METHODS: dict[str, tuple[tuple[str, ...], Callable, bool]] = {
     "attention_rescoring": (("ctc", "attention"), _attention_rescoring, True),
     "rnnt_greedy": (("transducer",), _rnnt_greedy, False),
     "rnnt_beam": (("transducer",), _rnnt_beam, True),
+    # One batched parallel pass, greedy per position: no prefix search for a hotword graph
+    # or LM to steer, so --hotwords and --lm are refused for it (not silently ignored).
+    "paraformer": (("predictor", "decoder"), _paraformer, False),
 }
 
 
-def available_methods(model: AsrModel) -> list[str]:
+def available_methods(model: EncoderModel) -> list[str]:
     return [
         name
         for name, (heads, _, _) in METHODS.items()
-        if all(getattr(model, h) is not None for h in heads)
+        if all(getattr(model, h, None) is not None for h in heads)
     ]
 
 
-def default_method(model: AsrModel) -> str:
+def default_method(model: EncoderModel) -> str:
     """The most accurate method the model has."""
-    for name in ("attention_rescoring", "rnnt_beam", "ctc_prefix_beam", "attention"):
+    for name in ("paraformer", "attention_rescoring", "rnnt_beam", "ctc_prefix_beam", "attention"):
         if name in available_methods(model):
             return name
     return available_methods(model)[0]
 
 
-def check_options(model: AsrModel, options: DecodeOptions) -> None:
+def check_options(model: EncoderModel, options: DecodeOptions) -> None:
     valid = available_methods(model)
     if options.method not in valid:
         raise EchoicError(
@@ -193,7 +203,7 @@ def build_scorer(
 
 
 @torch.no_grad()
-def decode_batch(model: AsrModel, batch: Batch, options: DecodeOptions) -> list[Hypothesis]:
+def decode_batch(model: EncoderModel, batch: Batch, options: DecodeOptions) -> list[Hypothesis]:
     """The best hypothesis of every utterance in the batch."""
     encoded, lens = model.encode(batch)
     _, search, _ = METHODS[options.method]
@@ -219,7 +229,7 @@ def _best(nbests: list[list[Hypothesis]]) -> list[Hypothesis]:
 
 def load_experiment_model(
     exp_dir: str | Path, *, checkpoint: str | None = None, average_last: int | None = None
-) -> tuple[AsrModel, Tokenizer, ExperimentConfig]:
+) -> tuple[EncoderModel, Tokenizer, ExperimentConfig]:
     """The model of an experiment folder, in eval mode: the newest checkpoint, a given
     checkpoint folder or .safetensors file, or the average of the last K checkpoints."""
     exp_dir = Path(exp_dir)

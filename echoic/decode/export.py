@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from echoic.errors import EchoicError
-from echoic.models.asr import AsrModel
+from echoic.models.base import EncoderModel
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TORCHSCRIPT_FILE = "model.ts"
 class CtcPath(nn.Module):
     """Frontend normalisation -> encoder -> CTC log-probabilities, tensors in and out."""
 
-    def __init__(self, model: AsrModel) -> None:
+    def __init__(self, model: EncoderModel) -> None:
         super().__init__()
         if model.ctc is None:
             raise EchoicError("export covers the encoder + CTC path; this model has no CTC head")
@@ -55,7 +55,7 @@ class CtcPath(nn.Module):
         return self.ctc.log_probs(encoded), lens
 
 
-def _example(model: AsrModel) -> tuple[torch.Tensor, torch.Tensor]:
+def _example(model: EncoderModel) -> tuple[torch.Tensor, torch.Tensor]:
     frames = max(200, 4 * model.encoder.min_input_frames)
     if model.input_spec.kind == "waveform":  # an SSL frontend: 16 kHz samples
         samples = round(model.frontend.seconds_for_frames(frames) * model.input_spec.sample_rate)
@@ -64,7 +64,7 @@ def _example(model: AsrModel) -> tuple[torch.Tensor, torch.Tensor]:
     return feats, torch.tensor([frames, frames - 37])
 
 
-def export_model(model: AsrModel, out_dir: str | Path, fmt: str) -> Path:
+def export_model(model: EncoderModel, out_dir: str | Path, fmt: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = CtcPath(model.eval()).eval()
@@ -136,7 +136,7 @@ class OnnxCtc:
         return torch.from_numpy(log_probs), torch.from_numpy(lens)
 
 
-def export_info(model: AsrModel, fmt: str, files: list[Path]) -> dict:
+def export_info(model: EncoderModel, fmt: str, files: list[Path]) -> dict:
     """What the exported graph takes and gives, with this model's feature settings."""
     frontend = model.frontend
     spec = model.input_spec

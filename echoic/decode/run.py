@@ -117,14 +117,16 @@ def decode_manifest(
             model_seconds += time.perf_counter() - start
             audio_seconds += sum(batch.durations)
             for utt_id, hypothesis in zip(batch.ids, best):
-                results.append(
-                    {
-                        "id": utt_id,
-                        "text": tokenizer.decode(hypothesis.tokens),
-                        "tokens": list(hypothesis.tokens),
-                        "score": hypothesis.score,
-                    }
-                )
+                record = {
+                    "id": utt_id,
+                    "text": tokenizer.decode(hypothesis.tokens),
+                    "tokens": list(hypothesis.tokens),
+                    "score": hypothesis.score,
+                }
+                if hypothesis.times is not None:  # paraformer: per token, from CIF
+                    record["start"] = [round(start, 3) for start, _ in hypothesis.times]
+                    record["end"] = [round(end, 3) for _, end in hypothesis.times]
+                results.append(record)
             bar.update(batch.size)
     total_seconds = time.perf_counter() - pass_start
     order = {u.id: i for i, u in enumerate(manifest.utterances)}

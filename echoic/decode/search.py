@@ -28,6 +28,7 @@ class Hypothesis:
     score: float  # what the search ranked by: log-probability + hotword bonus
     ctc_score: float | None = None  # CTC log-probability of the prefix (prefix beam search)
     context_score: float = 0.0  # hotword bonus included in `score`
+    times: tuple[tuple[float, float], ...] | None = None  # (start, end) s per token, if known
 
 
 def _logaddexp(a: float, b: float) -> float:

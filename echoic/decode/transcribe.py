@@ -35,7 +35,7 @@ from echoic.decode.decoder import (
 )
 from echoic.decode.segment import SegmentOptions, SileroVad, find_segments
 from echoic.errors import AudioError, EchoicError
-from echoic.models.asr import AsrModel
+from echoic.models.base import EncoderModel
 
 # Padded fbank frames per batch of segments, 200 s of audio: `echoic decode`'s default
 # --max-frames, so a long file needs no more memory than decoding a manifest does.
@@ -145,13 +145,13 @@ class Transcriber:
         return Transcript(str(path), text, segments)
 
 
-def _inputs(model: AsrModel, samples: np.ndarray) -> torch.Tensor:
+def _inputs(model: EncoderModel, samples: np.ndarray) -> torch.Tensor:
     """What a batch carries for these samples: fbank, or the waveform itself."""
     return model.frontend.inputs_from_samples(torch.from_numpy(samples))
 
 
 def _batch(
-    model: AsrModel, ids: list[str], inputs: list[torch.Tensor], durations: list[float]
+    model: EncoderModel, ids: list[str], inputs: list[torch.Tensor], durations: list[float]
 ) -> Batch:
     padded = pad_sequence(inputs, batch_first=True)
     lengths = torch.tensor([f.shape[0] for f in inputs])
@@ -172,7 +172,7 @@ def _batch(
 
 
 def _decode_spans(
-    model: AsrModel,
+    model: EncoderModel,
     samples: np.ndarray,
     spans: list[tuple[float, float]],
     options: DecodeOptions,

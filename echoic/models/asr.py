@@ -8,49 +8,26 @@ tokenizer. A config states each of them nowhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from echoic.config import one_of
 from echoic.data.dataset import Batch
-from echoic.data.features import CmvnStats, InputSpec
+from echoic.data.features import CmvnStats
+from echoic.models.base import EncoderModel, build_frontend_encoder, keep_rows
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
-from echoic.models.encoders import ConformerConfig, Encoder, TransformerConfig
-from echoic.models.frontend import FrontendConfig, build_frontend
+from echoic.models.encoders import Encoder
 from echoic.models.heads import HeadOutput
-from echoic.models.heads.attention import AttentionDecoderConfig, AttentionHead
-from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcConfig, CtcHead
-from echoic.models.heads.transducer import TransducerConfig, TransducerHead
+from echoic.models.heads.attention import AttentionHead
+from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
+from echoic.models.heads.transducer import TransducerHead
+
+if TYPE_CHECKING:
+    from echoic.models.model import ModelConfig
 
 
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Exactly one kind; a Conformer when none is given."""
-
-    conformer: ConformerConfig | None = None
-    transformer: TransformerConfig | None = None
-
-    def __post_init__(self) -> None:
-        one_of(self, ["conformer", "transformer"], default={"conformer": ConformerConfig()})
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    frontend: FrontendConfig = FrontendConfig()
-    encoder: EncoderConfig = EncoderConfig()
-    ctc: CtcConfig | None = None  # a section (even empty: `ctc: {}`) adds the head
-    attention: AttentionDecoderConfig | None = None
-    transducer: TransducerConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.ctc is None and self.attention is None and self.transducer is None:
-            raise ValueError("the model needs at least one head: ctc, attention or transducer")
-
-
-class AsrModel(nn.Module):
+class AsrModel(EncoderModel):
     """forward(batch) -> StepOutput with exactly `metric_units`' keys:
 
     loss         weighted sum of the present heads' losses, per utterance
@@ -83,49 +60,14 @@ class AsrModel(nn.Module):
         attention: AttentionHead | None = None,
         transducer: TransducerHead | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(frontend, encoder)
         if ctc is None and attention is None and transducer is None:
             raise ValueError("an AsrModel needs at least one head")
-        self.frontend = frontend
-        self.encoder = encoder
         self.ctc, self.attention, self.transducer = ctc, attention, transducer
         # A name, not a second reference: a module attribute would register the head twice.
         self._accuracy_head = next(
             n for n in ("attention", "ctc", "transducer") if getattr(self, n) is not None
         )
-
-    @property
-    def input_spec(self) -> InputSpec:
-        return self.frontend.input_spec
-
-    def start_step(self, step: int) -> None:
-        """The trainer calls this before optimizer step `step + 1` (and on resume)."""
-        self.frontend.start_step(step)
-
-    @property
-    def unfreezes_during_training(self) -> bool:
-        """Whether the set of trained parameters grows during training (an SSL upstream
-        unfrozen after N steps): DDP fixes that set when it wraps the model."""
-        return getattr(self.frontend, "unfreezes_during_training", False)
-
-    def parameter_groups(self) -> list[dict]:
-        """The optimizer's parameter groups, each with an `lr_scale`: the SSL upstream's
-        trained parameters in a group of their own, everything else at scale 1. Never
-        trained parameters (a frozen upstream) are in none."""
-        upstream = []
-        trained = getattr(self.frontend, "trained_upstream_parameters", None)
-        if trained is not None:
-            upstream = trained()
-        fixed = set()
-        ssl = getattr(self.frontend, "upstream", None)
-        if ssl is not None:
-            fixed = {id(p) for p in ssl.parameters()}
-        rest = [p for p in self.parameters() if id(p) not in fixed]
-        groups = [{"params": rest, "lr_scale": 1.0, "name": "model"}]
-        if upstream:
-            scale = self.frontend.config.lr_scale
-            groups.append({"params": upstream, "lr_scale": scale, "name": "ssl_upstream"})
-        return groups
 
     @property
     def accuracy_head(self) -> nn.Module:
@@ -144,11 +86,6 @@ class AsrModel(nn.Module):
     @property
     def heads(self) -> list[nn.Module]:
         return [h for h in (self.ctc, self.attention, self.transducer) if h is not None]
-
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> encoder output (B, T', D), lengths (B,)."""
-        feats, lengths = self.frontend(batch)
-        return self.encoder(feats, lengths)
 
     def unusable(
         self, input_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
@@ -174,12 +111,10 @@ class AsrModel(nn.Module):
         if dropped and used:
             # Left out before the encoder, so they change nothing, BatchNorm statistics
             # included, and the loss and metrics average over the others only.
-            keep = torch.ones(batch.size, dtype=torch.bool)
-            keep[list(dropped)] = False
-            keep = keep.to(lengths.device)
-            feats, lengths = feats[keep], lengths[keep]
-            token_lens = token_lens[keep]
-            tokens = tokens[keep][:, : int(token_lens.max())]
+            feats, lengths, tokens, token_lens = keep_rows(
+                dropped, batch.size, feats, lengths, tokens, token_lens
+            )
+            tokens = tokens[:, : int(token_lens.max())]
         encoded, encoded_lens = self.encoder(feats, lengths)
         metrics: dict[str, Metric | None] = dict.fromkeys(self.metric_units)
         total = encoded.new_zeros((), dtype=torch.float32)
@@ -201,19 +136,9 @@ class AsrModel(nn.Module):
         return StepOutput(loss=total, weight=used, metrics=metrics, dropped=dropped)
 
 
-def build_model(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:
-    """The model for `config`, with the vocabulary size from the tokenizer and, for an
-    fbank frontend with global CMVN, the statistics from `echoic prepare`."""
-    frontend = build_frontend(config.frontend)
-    if cmvn is not None:
-        frontend.set_cmvn(cmvn)
-    kind = config.encoder.conformer or config.encoder.transformer
-    encoder = Encoder(
-        kind,
-        input_dim=frontend.output_dim,
-        frame_shift=frontend.frame_shift,
-        input_source=frontend.output_source,
-    )
+def build_asr(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:
+    """The ASR family's model for `config` (see echoic.models.model.build_model)."""
+    frontend, encoder = build_frontend_encoder(config.frontend, config.encoder, cmvn)
     dim = encoder.output_dim
     sos_eos = vocab_size - 1  # the tokenizer layout: <blank> 0, <unk> 1, ..., <sos/eos> last
     return AsrModel(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from echoic.config import one_of
 from echoic.errors import ConfigError
 from echoic.models.layers import (
     ConvModule,
@@ -88,6 +89,21 @@ class TransformerConfig:
             raise ValueError(
                 f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
             )
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Exactly one kind; a Conformer when none is given."""
+
+    conformer: ConformerConfig | None = None
+    transformer: TransformerConfig | None = None
+
+    def __post_init__(self) -> None:
+        one_of(self, ["conformer", "transformer"], default={"conformer": ConformerConfig()})
+
+    @property
+    def kind(self) -> ConformerConfig | TransformerConfig:
+        return self.conformer or self.transformer
 
 
 class Conv2dSubsampling(nn.Module):
@@ -274,6 +290,7 @@ class Encoder(nn.Module):
                 input_dim, config.d_model, factor, config.subsampling_channels
             )
         self.min_input_frames = self.subsampling.min_input_frames
+        self.frame_shift = frame_shift * factor  # seconds per output frame
         self.positional = config.positional
         self.input_dropout = Dropout(config.dropout)
         if config.positional == "rel_pos":

@@ -15,8 +15,8 @@ import yaml
 from echoic.config import apply_overrides, from_dict, load_yaml, to_dict
 from echoic.data.dataset import DataConfig
 from echoic.errors import ConfigError, EchoicError
-from echoic.models.asr import ModelConfig
 from echoic.models.encoders import subsampling_factor
+from echoic.models.model import ModelConfig
 from echoic.models.ssl import read_upstream
 
 

@@ -41,8 +41,8 @@ from echoic.data.features import CmvnStats
 from echoic.data.manifest import read_manifest
 from echoic.data.tokenizer import load_tokenizer
 from echoic.errors import ConfigError, EchoicError
-from echoic.models.asr import build_model
 from echoic.models.contract import StepOutput, check_step_output
+from echoic.models.model import build_model
 from echoic.seeding import derive_seed
 from echoic.train import checkpoint as ckpt
 from echoic.train import finetune

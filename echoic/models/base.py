@@ -1,0 +1,103 @@
+"""What every model family shares: a frontend and an encoder, and the members that the
+trainer, decoding and export read from any model.
+
+A family (echoic.models.asr, echoic.models.paraformer) subclasses `EncoderModel`, puts
+its heads after the encoder, declares its `metric_units` once and returns a StepOutput
+with exactly those keys (echoic.models.contract). Nothing outside the family's module
+knows which family it is: the trainer calls forward, start_step, parameter_groups and
+token_indexed_parameters; decoding asks for the methods the family's modules allow.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from echoic.data.dataset import Batch
+from echoic.data.features import CmvnStats, InputSpec
+from echoic.models.contract import Unit
+from echoic.models.encoders import Encoder, EncoderConfig
+from echoic.models.frontend import FrontendConfig, build_frontend
+
+
+class EncoderModel(nn.Module):
+    """frontend -> encoder; a family adds its heads and its forward."""
+
+    metric_units: ClassVar[dict[str, Unit]]  # declared once per family
+
+    def __init__(self, frontend: nn.Module, encoder: Encoder) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.encoder = encoder
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.frontend.input_spec
+
+    def start_step(self, step: int) -> None:
+        """The trainer calls this before optimizer step `step + 1` (and on resume)."""
+        self.frontend.start_step(step)
+
+    @property
+    def unfreezes_during_training(self) -> bool:
+        """Whether the set of trained parameters grows during training (an SSL upstream
+        unfrozen after N steps): DDP fixes that set when it wraps the model."""
+        return getattr(self.frontend, "unfreezes_during_training", False)
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups, each with an `lr_scale`: the SSL upstream's
+        trained parameters in a group of their own, everything else at scale 1. Never
+        trained parameters (a frozen upstream) are in none."""
+        upstream = []
+        trained = getattr(self.frontend, "trained_upstream_parameters", None)
+        if trained is not None:
+            upstream = trained()
+        fixed = set()
+        ssl = getattr(self.frontend, "upstream", None)
+        if ssl is not None:
+            fixed = {id(p) for p in ssl.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in fixed]
+        groups = [{"params": rest, "lr_scale": 1.0, "name": "model"}]
+        if upstream:
+            scale = self.frontend.config.lr_scale
+            groups.append({"params": upstream, "lr_scale": scale, "name": "ssl_upstream"})
+        return groups
+
+    def token_indexed_parameters(self) -> list[str]:
+        """State-dict keys whose first dimension is indexed by token id (rows moved when
+        fine-tuning with another vocabulary): each family lists its own."""
+        raise NotImplementedError
+
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> encoder output (B, T', D), lengths (B,)."""
+        feats, lengths = self.frontend(batch)
+        return self.encoder(feats, lengths)
+
+
+def build_frontend_encoder(
+    frontend_config: FrontendConfig, encoder_config: EncoderConfig, cmvn: CmvnStats | None
+) -> tuple[nn.Module, Encoder]:
+    """The frontend, with the CMVN statistics of `echoic prepare` for fbank, and the
+    encoder built on its output width and frame shift."""
+    frontend = build_frontend(frontend_config)
+    if cmvn is not None:
+        frontend.set_cmvn(cmvn)
+    encoder = Encoder(
+        encoder_config.kind,
+        input_dim=frontend.output_dim,
+        frame_shift=frontend.frame_shift,
+        input_source=frontend.output_source,
+    )
+    return frontend, encoder
+
+
+def keep_rows(
+    dropped: dict[int, str], size: int, *tensors: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """`tensors` (each with the batch first) without the `dropped` rows."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[list(dropped)] = False
+    keep = keep.to(tensors[0].device)
+    return tuple(t[keep] for t in tensors)
