@@ -155,8 +155,10 @@ def test_workers_die_with_their_parent():
         stdout=subprocess.PIPE,
         text=True,
     )
-    workers = [int(done.stdout.readline()) for _ in range(2)]  # blocks until both started
-    done.kill()  # SIGKILL: the parent runs no cleanup at all
+    try:
+        workers = [int(done.stdout.readline()) for _ in range(2)]  # blocks until both started
+    finally:
+        done.kill()  # SIGKILL: the parent runs no cleanup at all (nor is one left behind)
     done.wait(10)
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:

@@ -15,12 +15,18 @@ from torch import nn
 
 from echoic.data.dataset import Batch
 from echoic.data.features import CmvnStats
-from echoic.models.base import EncoderModel, build_frontend_encoder, keep_rows
+from echoic.models.base import (
+    EncoderModel,
+    build_frontend_encoder,
+    ctc_unusable,
+    keep_rows,
+    step_output,
+)
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
 from echoic.models.heads import HeadOutput
 from echoic.models.heads.attention import AttentionHead
-from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
+from echoic.models.heads.ctc import CtcHead
 from echoic.models.heads.transducer import TransducerHead
 
 if TYPE_CHECKING:
@@ -87,26 +93,12 @@ class AsrModel(EncoderModel):
     def heads(self) -> list[nn.Module]:
         return [h for h in (self.ctc, self.attention, self.transducer) if h is not None]
 
-    def unusable(
-        self, input_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
-    ) -> dict[int, str]:
-        """(B,) input frames, (B, U) tokens, (B,) lengths -> {row: reason} for the
-        utterances the model leaves out, of every head: with a CTC head, those with more
-        tokens than CTC can place in the encoder's frames (a transcript too long for its
-        audio). Their CTC loss has no alignment, and keeping them for the other heads
-        alone would weigh them unlike every other utterance."""
-        if self.ctc is None:
-            return {}
-        frames = self.encoder.subsampling.output_lengths(input_lens)
-        short = CtcHead.frames_needed(tokens, token_lens) > frames
-        return dict.fromkeys(short.nonzero().flatten().tolist(), NO_CTC_ALIGNMENT)
-
     def forward(self, batch: Batch) -> StepOutput:
         if batch.tokens is None:
             raise ValueError("training an ASR model needs batches with tokens (a tokenizer)")
         feats, lengths = self.frontend(batch)
         tokens, token_lens = batch.tokens, batch.token_lens
-        dropped = self.unusable(lengths, tokens, token_lens)
+        dropped = ctc_unusable(self.encoder, self.ctc, lengths, tokens, token_lens)
         used = batch.size - len(dropped)
         if dropped and used:
             # Left out before the encoder, so they change nothing, BatchNorm statistics
@@ -128,12 +120,7 @@ class AsrModel(EncoderModel):
             accuracy = accuracy or out.accuracy
         metrics["loss"] = Metric(float(total.detach()), float(used), UTTERANCES)
         metrics["th_accuracy"] = accuracy
-        if not used:
-            # Every utterance left out: the whole batch ran so that every parameter gets a
-            # (zero) gradient, as distributed training needs, and nothing of it counts.
-            total = total * 0.0
-            metrics = {k: v if v is None else Metric(0.0, 0.0, v.unit) for k, v in metrics.items()}
-        return StepOutput(loss=total, weight=used, metrics=metrics, dropped=dropped)
+        return step_output(total, used, metrics, dropped)
 
 
 def build_asr(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:

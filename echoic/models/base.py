@@ -17,9 +17,10 @@ from torch import nn
 
 from echoic.data.dataset import Batch
 from echoic.data.features import CmvnStats, InputSpec
-from echoic.models.contract import Unit
+from echoic.models.contract import Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder, EncoderConfig
 from echoic.models.frontend import FrontendConfig, build_frontend
+from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
 
 
 class EncoderModel(nn.Module):
@@ -101,3 +102,34 @@ def keep_rows(
     keep[list(dropped)] = False
     keep = keep.to(tensors[0].device)
     return tuple(t[keep] for t in tensors)
+
+
+def ctc_unusable(
+    encoder: Encoder,
+    ctc: CtcHead | None,
+    input_lens: torch.Tensor,
+    tokens: torch.Tensor,
+    token_lens: torch.Tensor,
+) -> dict[int, str]:
+    """(B,) input frames, (B, U) tokens, (B,) lengths -> {row: reason} for the
+    utterances a model with a CTC head leaves out of every head: those with more tokens
+    than CTC can place in the encoder's frames (a transcript too long for its audio).
+    Their CTC loss has no alignment, and keeping them for the other heads alone would
+    weigh them unlike every other utterance."""
+    if ctc is None:
+        return {}
+    frames = encoder.subsampling.output_lengths(input_lens)
+    short = CtcHead.frames_needed(tokens, token_lens) > frames
+    return dict.fromkeys(short.nonzero().flatten().tolist(), NO_CTC_ALIGNMENT)
+
+
+def step_output(
+    total: torch.Tensor, used: int, metrics: dict[str, Metric | None], dropped: dict[int, str]
+) -> StepOutput:
+    """The StepOutput of a batch of which `used` utterances count. With none (every one
+    left out), the whole batch still ran, so that every parameter gets a (zero) gradient
+    as distributed training needs, and nothing of it counts."""
+    if not used:
+        total = total * 0.0
+        metrics = {k: v if v is None else Metric(0.0, 0.0, v.unit) for k, v in metrics.items()}
+    return StepOutput(loss=total, weight=used, metrics=metrics, dropped=dropped)

@@ -19,12 +19,18 @@ import torch.nn.functional as F
 
 from echoic.data.dataset import IGNORE_ID, Batch
 from echoic.data.features import CmvnStats
-from echoic.models.base import EncoderModel, build_frontend_encoder, keep_rows
+from echoic.models.base import (
+    EncoderModel,
+    build_frontend_encoder,
+    ctc_unusable,
+    keep_rows,
+    step_output,
+)
 from echoic.models.cif import CifConfig, CifPredictor, quantity_loss, token_times
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
 from echoic.models.glm import glance, glancing_mask
-from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
+from echoic.models.heads.ctc import CtcHead
 from echoic.models.heads.paraformer_decoder import ParaformerDecoder, ParaformerDecoderConfig
 
 if TYPE_CHECKING:
@@ -92,24 +98,13 @@ class ParaformerModel(EncoderModel):
             names += [f"ctc.{key}" for key in self.ctc.token_indexed()]
         return names
 
-    def unusable(
-        self, input_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor
-    ) -> dict[int, str]:
-        """Rows the model leaves out: with a CTC head, transcripts CTC cannot align (as in
-        the ASR family); CIF itself fires as many tokens as asked, frames or not."""
-        if self.ctc is None:
-            return {}
-        frames = self.encoder.subsampling.output_lengths(input_lens)
-        short = CtcHead.frames_needed(tokens, token_lens) > frames
-        return dict.fromkeys(short.nonzero().flatten().tolist(), NO_CTC_ALIGNMENT)
-
     def forward(self, batch: Batch) -> StepOutput:
         if batch.tokens is None:
             raise ValueError("training a Paraformer needs batches with tokens (a tokenizer)")
         feats, lengths = self.frontend(batch)
         tokens, token_lens = batch.tokens, batch.token_lens
         ids = batch.ids
-        dropped = self.unusable(lengths, tokens, token_lens)
+        dropped = ctc_unusable(self.encoder, self.ctc, lengths, tokens, token_lens)
         used = batch.size - len(dropped)
         if dropped and used:
             feats, lengths, tokens, token_lens = keep_rows(
@@ -161,12 +156,7 @@ class ParaformerModel(EncoderModel):
             metrics.update(out.metrics)
         metrics["th_accuracy"] = Metric(float(correct), float(valid.sum()), TOKENS)
         metrics["loss"] = Metric(float(total.detach()), utterances, UTTERANCES)
-        if not used:
-            # Every utterance left out: the batch ran so that every parameter gets a (zero)
-            # gradient, as distributed training needs, and nothing of it counts.
-            total = total * 0.0
-            metrics = {k: v if v is None else Metric(0.0, 0.0, v.unit) for k, v in metrics.items()}
-        return StepOutput(loss=total, weight=used, metrics=metrics, dropped=dropped)
+        return step_output(total, used, metrics, dropped)
 
     @torch.no_grad()
     def parallel_decode(self, encoded: torch.Tensor, lengths: torch.Tensor) -> list[Decoded]:
