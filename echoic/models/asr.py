@@ -15,13 +15,7 @@ from torch import nn
 
 from echoic.data.dataset import Batch
 from echoic.data.features import CmvnStats
-from echoic.models.base import (
-    EncoderModel,
-    build_frontend_encoder,
-    ctc_unusable,
-    keep_rows,
-    step_output,
-)
+from echoic.models.base import EncoderModel, build_frontend_encoder, step_output
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
 from echoic.models.heads import HeadOutput
@@ -96,18 +90,9 @@ class AsrModel(EncoderModel):
     def forward(self, batch: Batch) -> StepOutput:
         if batch.tokens is None:
             raise ValueError("training an ASR model needs batches with tokens (a tokenizer)")
-        feats, lengths = self.frontend(batch)
-        tokens, token_lens = batch.tokens, batch.token_lens
-        dropped = ctc_unusable(self.encoder, self.ctc, lengths, tokens, token_lens)
-        used = batch.size - len(dropped)
-        if dropped and used:
-            # Left out before the encoder, so they change nothing, BatchNorm statistics
-            # included, and the loss and metrics average over the others only.
-            feats, lengths, tokens, token_lens = keep_rows(
-                dropped, batch.size, feats, lengths, tokens, token_lens
-            )
-            tokens = tokens[:, : int(token_lens.max())]
-        encoded, encoded_lens = self.encoder(feats, lengths)
+        inputs = self.usable_inputs(batch, self.ctc)
+        tokens, token_lens, used = inputs.tokens, inputs.token_lens, inputs.used
+        encoded, encoded_lens = self.encoder(inputs.feats, inputs.lengths)
         metrics: dict[str, Metric | None] = dict.fromkeys(self.metric_units)
         total = encoded.new_zeros((), dtype=torch.float32)
         accuracy = None
@@ -120,7 +105,7 @@ class AsrModel(EncoderModel):
             accuracy = accuracy or out.accuracy
         metrics["loss"] = Metric(float(total.detach()), float(used), UTTERANCES)
         metrics["th_accuracy"] = accuracy
-        return step_output(total, used, metrics, dropped)
+        return step_output(total, used, metrics, inputs.dropped)
 
 
 def build_asr(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:

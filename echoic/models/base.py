@@ -10,6 +10,7 @@ token_indexed_parameters; decoding asks for the methods the family's modules all
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -21,6 +22,19 @@ from echoic.models.contract import Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder, EncoderConfig
 from echoic.models.frontend import FrontendConfig, build_frontend
 from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
+
+
+@dataclass
+class UsableInputs:
+    """A batch's features and tokens without the utterances the model leaves out."""
+
+    feats: torch.Tensor  # (B', T, F) or waveform, as the frontend gives
+    lengths: torch.Tensor  # (B',)
+    tokens: torch.Tensor  # (B', U')
+    token_lens: torch.Tensor  # (B',)
+    ids: list[str]  # the B' utterances
+    dropped: dict[int, str]  # batch row -> why it was left out
+    used: int  # utterances that count: 0 when every one was left out (then B' = B)
 
 
 class EncoderModel(nn.Module):
@@ -76,6 +90,29 @@ class EncoderModel(nn.Module):
         feats, lengths = self.frontend(batch)
         return self.encoder(feats, lengths)
 
+    def usable_inputs(self, batch: Batch, ctc: CtcHead | None) -> UsableInputs:
+        """The frontend's output and the tokens of the utterances the model can use: with
+        a CTC head, not those with more tokens than CTC can place in the encoder's frames
+        (a transcript too long for its audio). Their CTC loss has no alignment, and
+        keeping them for the other heads alone would weigh them unlike every other
+        utterance. They are left out before the encoder, so they change nothing,
+        BatchNorm statistics included. When every one is left out, all are kept, so the
+        batch still runs (see step_output)."""
+        feats, lengths = self.frontend(batch)
+        tokens, token_lens, ids = batch.tokens, batch.token_lens, batch.ids
+        dropped = _ctc_unusable(self.encoder, ctc, lengths, tokens, token_lens)
+        used = batch.size - len(dropped)
+        if dropped and used:
+            keep = torch.ones(batch.size, dtype=torch.bool)
+            keep[list(dropped)] = False
+            keep = keep.to(lengths.device)
+            feats, lengths, tokens, token_lens = (
+                t[keep] for t in (feats, lengths, tokens, token_lens)
+            )
+            tokens = tokens[:, : int(token_lens.max())]
+            ids = [utt for row, utt in enumerate(ids) if row not in dropped]
+        return UsableInputs(feats, lengths, tokens, token_lens, ids, dropped, used)
+
 
 def build_frontend_encoder(
     frontend_config: FrontendConfig, encoder_config: EncoderConfig, cmvn: CmvnStats | None
@@ -94,17 +131,7 @@ def build_frontend_encoder(
     return frontend, encoder
 
 
-def keep_rows(
-    dropped: dict[int, str], size: int, *tensors: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """`tensors` (each with the batch first) without the `dropped` rows."""
-    keep = torch.ones(size, dtype=torch.bool)
-    keep[list(dropped)] = False
-    keep = keep.to(tensors[0].device)
-    return tuple(t[keep] for t in tensors)
-
-
-def ctc_unusable(
+def _ctc_unusable(
     encoder: Encoder,
     ctc: CtcHead | None,
     input_lens: torch.Tensor,
@@ -112,10 +139,7 @@ def ctc_unusable(
     token_lens: torch.Tensor,
 ) -> dict[int, str]:
     """(B,) input frames, (B, U) tokens, (B,) lengths -> {row: reason} for the
-    utterances a model with a CTC head leaves out of every head: those with more tokens
-    than CTC can place in the encoder's frames (a transcript too long for its audio).
-    Their CTC loss has no alignment, and keeping them for the other heads alone would
-    weigh them unlike every other utterance."""
+    utterances CTC cannot align (see EncoderModel.usable_inputs)."""
     if ctc is None:
         return {}
     frames = encoder.subsampling.output_lengths(input_lens)

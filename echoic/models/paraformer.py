@@ -19,13 +19,7 @@ import torch.nn.functional as F
 
 from echoic.data.dataset import IGNORE_ID, Batch
 from echoic.data.features import CmvnStats
-from echoic.models.base import (
-    EncoderModel,
-    build_frontend_encoder,
-    ctc_unusable,
-    keep_rows,
-    step_output,
-)
+from echoic.models.base import EncoderModel, build_frontend_encoder, step_output
 from echoic.models.cif import CifConfig, CifPredictor, quantity_loss, token_times
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
@@ -101,18 +95,9 @@ class ParaformerModel(EncoderModel):
     def forward(self, batch: Batch) -> StepOutput:
         if batch.tokens is None:
             raise ValueError("training a Paraformer needs batches with tokens (a tokenizer)")
-        feats, lengths = self.frontend(batch)
-        tokens, token_lens = batch.tokens, batch.token_lens
-        ids = batch.ids
-        dropped = ctc_unusable(self.encoder, self.ctc, lengths, tokens, token_lens)
-        used = batch.size - len(dropped)
-        if dropped and used:
-            feats, lengths, tokens, token_lens = keep_rows(
-                dropped, batch.size, feats, lengths, tokens, token_lens
-            )
-            tokens = tokens[:, : int(token_lens.max())]
-            ids = [utt for row, utt in enumerate(batch.ids) if row not in dropped]
-        encoded, encoded_lens = self.encoder(feats, lengths)
+        inputs = self.usable_inputs(batch, self.ctc)
+        tokens, token_lens, used = inputs.tokens, inputs.token_lens, inputs.used
+        encoded, encoded_lens = self.encoder(inputs.feats, inputs.lengths)
         cif = self.predictor(encoded, encoded_lens, token_lens)
         width = tokens.shape[1]
         acoustic = cif.embeddings[:, :width]
@@ -127,7 +112,7 @@ class ParaformerModel(EncoderModel):
                 first.argmax(-1),
                 tokens,
                 token_lens,
-                ids,
+                inputs.ids,
                 ratio=self.config.glancing_ratio,
                 seed=batch.seed,
                 epoch=batch.epoch,
@@ -156,7 +141,7 @@ class ParaformerModel(EncoderModel):
             metrics.update(out.metrics)
         metrics["th_accuracy"] = Metric(float(correct), float(valid.sum()), TOKENS)
         metrics["loss"] = Metric(float(total.detach()), utterances, UTTERANCES)
-        return step_output(total, used, metrics, dropped)
+        return step_output(total, used, metrics, inputs.dropped)
 
     @torch.no_grad()
     def parallel_decode(self, encoded: torch.Tensor, lengths: torch.Tensor) -> list[Decoded]:

@@ -242,8 +242,7 @@ def _subsampling(config: ExperimentConfig) -> int | None:
             frame_shift = read_upstream(frontend.ssl.path, hash_files=False).frame_shift
         else:
             frame_shift = frontend.fbank.fbank.frame_shift_ms / 1000
-        encoder = config.model.encoder.conformer or config.model.encoder.transformer
-        return subsampling_factor(encoder, frame_shift)
+        return subsampling_factor(config.model.encoder.kind, frame_shift)
     except EchoicError:
         return None
 

@@ -153,10 +153,9 @@ def frozen_names(model: nn.Module, stage: Stage) -> list[str]:
     return [name for name in names if name in frozen]
 
 
-def eval_modules(model: nn.Module, stage: Stage) -> list[nn.Module]:
+def eval_modules(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
     """The modules that `freeze_mode: eval` keeps in eval mode: every module all of whose
-    parameters are frozen in `stage` (and that has some)."""
-    frozen = set(frozen_names(model, stage))
+    parameters are `frozen` (and that has some)."""
     modules = []
     for name, module in model.named_modules():
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
@@ -166,22 +165,25 @@ def eval_modules(model: nn.Module, stage: Stage) -> list[nn.Module]:
 
 
 def parameter_groups(
-    model: nn.Module, groups: list[dict], frozen: Iterable[str], lr_scale: dict[str, float]
+    model: nn.Module,
+    groups: list[dict],
+    frozen: Iterable[nn.Parameter],
+    lr_scale: dict[str, float],
 ) -> list[dict]:
     """The optimizer's groups: the model's own (`groups`, each with an `lr_scale`) less
-    the frozen parameters, each split by the most specific `lr_scale` name that selects
+    the `frozen` parameters, each split by the most specific `lr_scale` name that selects
     a parameter (scales multiply with the group's own)."""
     name_of = {id(p): name for name, p in model.named_parameters()}
-    frozen = set(frozen)
+    frozen_ids = {id(p) for p in frozen}
     # the most specific (most parts) first; a tie keeps the config's order
     patterns = sorted(lr_scale, key=lambda p: -len(p.split(".")))
     result = []
     for group in groups:
         split: dict[str | None, list[nn.Parameter]] = {}
         for parameter in group["params"]:
-            name = name_of[id(parameter)]
-            if name in frozen:
+            if id(parameter) in frozen_ids:
                 continue
+            name = name_of[id(parameter)]
             pattern = next((p for p in patterns if name_matches(p, name)), None)
             split.setdefault(pattern, []).append(parameter)
         for pattern, params in split.items():

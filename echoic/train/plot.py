@@ -22,6 +22,7 @@ def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else exp_dir / "curves.png"
     panels = [("loss", "loss"), ("th_accuracy", "token accuracy"), ("lr", "learning rate")]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    stage_starts = _stage_starts(records)
     for axis, (key, title) in zip(axes, panels):
         for split, style in (("train", "-"), ("dev", "o-")):
             points = [
@@ -32,7 +33,7 @@ def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
             if points:
                 steps, values = zip(*points)
                 axis.plot(steps, values, style, label=split, markersize=3)
-        for step, stage in _stage_starts(records):
+        for step, stage in stage_starts:
             axis.axvline(step, color="grey", linestyle=":", linewidth=1)
             if key == panels[0][0]:
                 axis.annotate(

@@ -328,18 +328,21 @@ class Trainer:
         # What the model trains (all but, say, an SSL upstream's fixed parts), less the
         # stage's frozen names; the model's start_step then applies its own schedule.
         trained = {id(p) for group in model.parameter_groups() for p in group["params"]}
-        named = dict(model.named_parameters())
-        for name, parameter in named.items():
-            parameter.requires_grad_(id(parameter) in trained and name not in frozen)
-        self._frozen = [named[name] for name in frozen]
+        self._frozen = []
+        any_trained = False
+        for name, parameter in model.named_parameters():
+            trains = id(parameter) in trained and name not in frozen
+            parameter.requires_grad_(trains)
+            any_trained |= trains
+            if name in frozen:
+                self._frozen.append(parameter)
+        if not any_trained:
+            raise ConfigError(f"stage '{stage.name}' trains no parameter: everything is frozen")
         model.start_step(step)
         self._apply_freeze()
         self._eval_modules = (
-            finetune.eval_modules(model, stage) if self.config.freeze_mode == "eval" else []
+            finetune.eval_modules(model, frozen) if self.config.freeze_mode == "eval" else []
         )
-        if not any(id(p) in trained and n not in frozen for n, p in named.items()):
-            raise ConfigError(f"stage '{stage.name}' trains no parameter: everything is frozen")
-        self._frozen_names = sorted(frozen)
         where = f"stage {stage.name}" if self.config.stages else "training"
         log.info("%s, parameters:\n%s", where, finetune.parameter_table(model, frozen))
 
@@ -353,7 +356,7 @@ class Trainer:
         # A group per learning-rate scale (lr_scale names, an SSL upstream's own);
         # frozen and never trained parameters are in none, so no weight decay either.
         groups = finetune.parameter_groups(
-            module, module.parameter_groups(), self._frozen_names, self.config.lr_scale
+            module, module.parameter_groups(), self._frozen, self.config.lr_scale
         )
         optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
         return optimizer_class(
