@@ -504,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument(
         "--method",
         required=True,
-        help="ctc_greedy, ctc_prefix_beam, attention, "
-        "attention_rescoring, rnnt_greedy or rnnt_beam (those the model's heads allow)",
+        help="ctc_greedy, ctc_prefix_beam, attention, attention_rescoring, rnnt_greedy, "
+        "rnnt_beam or paraformer (those the model's heads allow)",
     )
     decode.add_argument("--out", required=True, help="output folder")
     _add_search_arguments(decode)
