@@ -6,15 +6,20 @@ model loading excluded) over audio seconds; model_rtf, the encoder + search alon
 and cer on the manifest; utterances per second, end to end. The encoder runs on whole
 batches; the searches other than ctc_greedy, attention and rnnt_greedy run utterance by
 utterance.
-Every method the model's heads allow (or --methods) is run with PyTorch; ctc_greedy also
+Every method the model's heads allow (or --methods) is run with PyTorch; the first
+method the model's export runs (ctc_greedy, or paraformer for a Paraformer) also
 through the exported ONNX model and its int8 copy (exported first if missing); with --lm, the
 methods that take a word LM once more with it (runtime "torch+lm"). With --hotwords,
 the methods that take hotwords decode --hotword-manifest without and with them (on
 the first thread count only; runtime "...+hotwords"), and their lines add hotword
-recall, precision, B-WER and U-WER.
+recall, precision, B-WER and U-WER. --exp may be given more than once: each
+experiment's rows in turn, in one run (a Paraformer beside the hybrid it is compared
+with; --methods then lists what any of them has, and each runs its own).
 
     python benchmarks/decode.py --exp exp/demo --manifest data/synth_en/test.jsonl \
         --lm data/synth_en/lm_text.txt --hotwords data/synth_en/hotwords.txt
+    python benchmarks/decode.py --exp exp/paraformer --exp exp/demo \
+        --methods paraformer,attention,attention_rescoring
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from echoic.decode.decoder import (
     load_experiment_model,
 )
 from echoic.decode.export import ONNX_FILE, ONNX_INT8_FILE, export_model, quantize_onnx
-from echoic.decode.run import decode_manifest
+from echoic.decode.run import ONNX_METHODS, decode_manifest
 from echoic.score import score_files
 
 
@@ -45,9 +50,14 @@ def _biased(method: str) -> bool:
     return METHODS[method][2]
 
 
+def _takes_hotwords(method: str, model) -> bool:
+    """A prefix scorer's hotword graph, or a contextual Paraformer's hotword list."""
+    return _biased(method) or (method == "paraformer" and getattr(model, "takes_hotwords", False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exp", default="exp/demo")
+    parser.add_argument("--exp", action="append", help="experiment folder (default exp/demo)")
     parser.add_argument("--manifest", default="data/synth_en/test.jsonl")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--beam", type=int, default=10)
@@ -58,14 +68,29 @@ def main() -> None:
     parser.add_argument("--hotwords", help="hotword file: adds hotword rows")
     parser.add_argument("--hotword-manifest", default="data/synth_en/hotword_test.jsonl")
     args = parser.parse_args()
-    exp = Path(args.exp)
+    exps = [Path(exp) for exp in args.exp or ["exp/demo"]]
+    if args.methods:
+        known = {m for exp in exps for m in available_methods(load_experiment_model(exp)[0])}
+        unknown = [m for m in args.methods.split(",") if m not in known]
+        if unknown:
+            parser.error(f"no experiment has {', '.join(unknown)} (they have {sorted(known)})")
+    for exp in exps:
+        run_experiment(exp, args)
+
+
+def run_experiment(exp: Path, args: argparse.Namespace) -> None:
     model, _, _ = load_experiment_model(exp)
-    methods = args.methods.split(",") if args.methods else available_methods(model)
+    methods = available_methods(model)
+    if args.methods:
+        methods = [m for m in args.methods.split(",") if m in methods]
     # (method, runtime label, manifest, LM, hotword file, ONNX model)
     runs = [(m, "torch", args.manifest, None, None, None) for m in methods]
     if args.lm:
         runs += [(m, "torch+lm", args.manifest, args.lm, None, None) for m in methods if _biased(m)]
-    if "ctc_greedy" in methods:
+    # The method the exported graph runs: by the graph's outputs (CTC log-probabilities
+    # or a Paraformer's tokens).
+    exported = next(ONNX_METHODS[out][0] for out in model.export_outputs if out in ONNX_METHODS)
+    if exported in methods:
         export_dir = exp / "export"
         # torch.onnx reports its progress on stdout, which is for the JSON lines.
         with contextlib.redirect_stdout(sys.stderr):
@@ -74,13 +99,15 @@ def main() -> None:
             elif not (export_dir / ONNX_INT8_FILE).is_file():
                 quantize_onnx(export_dir / ONNX_FILE)
         runs += [
-            ("ctc_greedy", "onnx", args.manifest, None, None, export_dir / ONNX_FILE),
-            ("ctc_greedy", "onnx-int8", args.manifest, None, None, export_dir / ONNX_INT8_FILE),
+            (exported, "onnx", args.manifest, None, None, export_dir / ONNX_FILE),
+            (exported, "onnx-int8", args.manifest, None, None, export_dir / ONNX_INT8_FILE),
         ]
     hotword_runs = []
     if args.hotwords:
         for lm, label in [(None, "torch"), *([(args.lm, "torch+lm")] if args.lm else [])]:
-            for method in filter(_biased, methods):
+            for method in methods:
+                if not _takes_hotwords(method, model) or (lm and not _biased(method)):
+                    continue
                 for hotwords in (None, args.hotwords):
                     runtime = label + ("+hotwords" if hotwords else "")
                     hotword_runs.append(

@@ -321,7 +321,12 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--length-penalty", type=float, default=1.0, help="attention")
     parser.add_argument("--max-symbols", type=int, default=3, help="rnnt: tokens per frame at most")
-    parser.add_argument("--hotwords", help="file: one phrase per line, optional TAB boost")
+    parser.add_argument(
+        "--hotwords",
+        help="file: one phrase per line, optional TAB boost; a context graph for the prefix "
+        "searches, the hotword list of a contextual or SeACo-Paraformer for paraformer "
+        "(which uses no boost)",
+    )
     parser.add_argument("--hotword-boost", type=float, default=None, help="default boost per token")
     parser.add_argument(
         "--lm", help="word LM (character models): a text file or manifest whose sentences it learns"
@@ -331,7 +336,8 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 EXPORT_DESCRIPTION = """\
-Export CMVN -> encoder -> CTC log-probabilities, with dynamic batch and time axes.
+Export a model's decoding path with dynamic batch and time axes: CMVN -> encoder ->
+CTC log-probabilities, or for a Paraformer its whole one pass (see below).
 
 --format onnx writes OUT/model.onnx and, unless --no-quantize, OUT/model.int8.onnx
 (dynamic int8: weights int8, activations quantized at run time); --format torchscript
@@ -341,6 +347,14 @@ writes OUT/model.ts. Every one of them takes and gives the same tensors:
        feat_lens  (B,) int64         frames per utterance
   out: log_probs  (B, T', V) float32 CTC log-probabilities, blank id 0
        out_lens   (B,) int64         output frames per utterance (T' ~ T / subsampling)
+
+A Paraformer's graph runs encoder, CIF and the parallel decoder (with no hotword list)
+and gives the best token per position, N = T' + 1 positions (T' with cif.tail_threshold
+0) of which `counts` are real:
+
+  out: tokens     (B, N) int64       scores (B, N) float32 (their log-probabilities)
+       counts     (B,) int64         positions (B, N) int64 (CIF firing frame, -1 after)
+       out_lens   (B,) int64
 
 The features are those echoic computes: kaldi-native-fbank at the model's sample rate
 (16 kHz unless its config says otherwise: resample first), samples in [-1, 1] scaled

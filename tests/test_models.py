@@ -10,7 +10,13 @@ from echoic.data.features import CmvnStats, FbankConfig
 from echoic.errors import ConfigError, EchoicError
 from echoic.models.asr import AsrModel
 from echoic.models.contract import ContractError, Metric, check_step_output
-from echoic.models.encoders import ConformerConfig, Conv2dSubsampling, Encoder, TransformerConfig
+from echoic.models.encoders import (
+    ConformerConfig,
+    Conv2dSubsampling,
+    Encoder,
+    SanmConfig,
+    TransformerConfig,
+)
 from echoic.models.heads.ctc import CtcHead
 from echoic.models.layers import Dropout, MultiHeadAttention, RelativePositions
 from echoic.models.model import ModelConfig, build_model
@@ -80,7 +86,7 @@ HEADS = {
 }
 
 
-@pytest.mark.parametrize("encoder", ["conformer", "transformer"])
+@pytest.mark.parametrize("encoder", ["conformer", "transformer", "san_m"])
 @pytest.mark.parametrize("heads", list(HEADS))
 def test_every_head_combination_keeps_the_metrics_contract(heads, encoder):
     torch.manual_seed(0)
@@ -183,7 +189,7 @@ def test_dimensions_flow_from_the_producer():
 def test_model_config_errors():
     with pytest.raises(ConfigError, match="at least one head"):
         from_dict(ModelConfig, {}, "model")
-    with pytest.raises(ConfigError, match="exactly one of conformer, transformer"):
+    with pytest.raises(ConfigError, match="exactly one of conformer, transformer, san_m"):
         from_dict(
             ModelConfig, {"encoder": {"conformer": {}, "transformer": {}}, "ctc": {}}, "model"
         )
@@ -251,15 +257,19 @@ def test_relative_position_attention_matches_the_written_out_formula():
 
 @pytest.mark.parametrize(
     ("encoder", "positional"),
-    [("conformer", "rel_pos"), ("conformer", "rope"), ("transformer", "absolute")],
+    [
+        ("conformer", "rel_pos"),
+        ("conformer", "rope"),
+        ("transformer", "absolute"),
+        ("san_m", "absolute"),
+        ("san_m", "none"),
+    ],
 )
 def test_padding_does_not_change_an_utterances_output(encoder, positional):
     torch.manual_seed(0)
-    config = (
-        ConformerConfig(**TINY, conv_kernel=3, positional=positional)
-        if encoder == "conformer"
-        else TransformerConfig(**TINY, positional=positional)
-    )
+    kinds = {"conformer": ConformerConfig, "transformer": TransformerConfig, "san_m": SanmConfig}
+    extra = {"conformer": {"conv_kernel": 3}, "san_m": {"fsmn_kernel": 5}}.get(encoder, {})
+    config = kinds[encoder](**TINY, **extra, positional=positional)
     model = Encoder(config, 80).eval()
     feats = torch.randn(1, 40, 80)
     alone, alone_lens = model(feats, torch.tensor([40]))

@@ -8,6 +8,7 @@ import torch
 from test_models import VOCAB, make_batch, tiny_config
 from test_trainer import Killed, _stop_at, deterministic_lines, final_weights, write_config
 
+from echoic.cli import main
 from echoic.data.manifest import read_manifest, write_manifest
 from echoic.decode.decoder import (
     DecodeOptions,
@@ -32,10 +33,11 @@ HEADS = {
 }
 
 
+@pytest.mark.parametrize("encoder", ["conformer", "san_m"])
 @pytest.mark.parametrize("heads", list(HEADS))
-def test_the_family_keeps_the_metrics_contract(heads):
+def test_the_family_keeps_the_metrics_contract(heads, encoder):
     torch.manual_seed(0)
-    model = build_model(tiny_config(HEADS[heads]), VOCAB)
+    model = build_model(tiny_config(HEADS[heads], encoder), VOCAB)
     batch = make_batch()
     model.train()
     train = model(batch)
@@ -159,3 +161,30 @@ def test_a_paraformer_overfits_a_few_utterances_and_decodes_them(tmp_path, corpu
     assert report.chars.rate < 0.1, report.to_dict()
     first = json.loads((tmp_path / "decode" / "hyp.jsonl").read_text().splitlines()[0])
     assert len(first["start"]) == len(first["end"]) == len(first["tokens"])
+
+    # The whole one pass exported: onnxruntime gives PyTorch's tokens and times.
+    assert main(["export", "--exp", str(exp), "--format", "onnx"]) == 0
+    info = json.loads((exp / "export" / "export.json").read_text())
+    assert list(info["outputs"]) == ["tokens", "scores", "counts", "positions", "out_lens"]
+    onnx = decode_manifest(
+        exp,
+        manifest,
+        tmp_path / "onnx",
+        DecodeOptions("paraformer"),
+        runtime="onnx",
+        progress=False,
+    )
+    assert onnx["runtime"] == "onnx" and onnx["utterances"] == 8
+    torch_lines = [
+        json.loads(x) for x in (tmp_path / "decode" / "hyp.jsonl").read_text().splitlines()
+    ]
+    onnx_lines = [json.loads(x) for x in (tmp_path / "onnx" / "hyp.jsonl").read_text().splitlines()]
+    for got, expected in zip(onnx_lines, torch_lines, strict=True):
+        assert (got["tokens"], got["start"], got["end"]) == (
+            expected["tokens"],
+            expected["start"],
+            expected["end"],
+        )
+        assert got["score"] == pytest.approx(expected["score"], abs=1e-3)
+    with pytest.raises(EchoicError, match="runs paraformer on this export, not ctc_greedy"):
+        decode_manifest(exp, manifest, tmp_path / "x", DecodeOptions("ctc_greedy"), runtime="onnx")

@@ -18,8 +18,8 @@ from test_trainer import Killed, _stop_at, final_weights, write_config
 from echoic.data.dataset import Batch
 from echoic.data.manifest import read_manifest
 from echoic.decode.decoder import DecodeOptions, load_experiment_model
-from echoic.decode.export import CtcPath, OnnxCtc, export_info, export_model, quantize_onnx
-from echoic.decode.run import _onnx_log_probs, decode_manifest
+from echoic.decode.export import CtcPath, OnnxModel, export_info, export_model, quantize_onnx
+from echoic.decode.run import _onnx_outputs, decode_manifest
 from echoic.decode.transcribe import transcribe
 from echoic.errors import ConfigError, EchoicError
 from echoic.models.ssl import SslFrontend, SslFrontendConfig
@@ -89,13 +89,17 @@ def _check_export(model, out: Path) -> None:
         expected, expected_lens = path(audio, lengths)
     scripted = torch.jit.load(str(export_model(model, out, "torchscript")))
     onnx_file = export_model(model, out, "onnx")
-    onnx = OnnxCtc(onnx_file)
+    onnx = OnnxModel(onnx_file)
     info = export_info(model, "onnx", [onnx_file])
     assert info["inputs"].startswith("audio (B, S)") and info["min_samples"] > 400
-    int8_lens = OnnxCtc(quantize_onnx(onnx_file))(audio, lengths)[1]
+    int8_lens = OnnxModel(quantize_onnx(onnx_file))(audio, lengths)["out_lens"]
     for runtime in (scripted, onnx):
         with torch.no_grad():
-            got, got_lens = runtime(audio, lengths)
+            got = runtime(audio, lengths)
+        if isinstance(got, dict):  # onnxruntime: outputs by name
+            got, got_lens = got["log_probs"], got["out_lens"]
+        else:
+            got, got_lens = got
         assert torch.equal(got_lens, expected_lens)
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -104,7 +108,8 @@ def _check_export(model, out: Path) -> None:
     # onnx` runs group-norm upstreams: each row's own result.
     batch = _waveform_batch(torch.cat([audio, audio]), torch.tensor([27000, 20000]))
     batch.audio[1, 20000:] = 0.0
-    got, got_lens = _onnx_log_probs(onnx, batch, per_row=True)
+    outputs = _onnx_outputs(onnx, batch, per_row=True)
+    got, got_lens = outputs["log_probs"], outputs["out_lens"]
     with torch.no_grad():
         short, short_lens = path(audio[:, :20000], torch.tensor([20000]))
     assert got_lens.tolist() == [int(expected_lens[0]), int(short_lens[0])]

@@ -25,6 +25,7 @@ import torch
 from echoic.data import audio as audio_io
 from echoic.data.augment import SpecAugmentConfig, spec_augment, speed_perturb
 from echoic.data.features import FBANK_80, FbankConfig, InputSpec, compute_fbank
+from echoic.data.hotwords import HotwordSamplingConfig, sample_batch_hotwords
 from echoic.data.manifest import Manifest
 from echoic.data.sampler import TOO_SHORT, BatchPlan, BucketBatchSampler
 from echoic.data.tokenizer import Tokenizer
@@ -63,6 +64,8 @@ class DataConfig:
     # it needs features that are a pure function of the audio: no dither. The cache
     # lives in this process; num_workers processes fill it before each pass.
     feature_cache: bool = False
+    # Training hotwords for contextual models (echoic.data.hotwords); null: none.
+    hotwords: HotwordSamplingConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.max_frames is None) == (self.batch_size is None):
@@ -73,6 +76,20 @@ class DataConfig:
             raise ValueError("min_duration is larger than max_duration")
         if self.num_workers < 0:
             raise ValueError("num_workers must not be negative")
+
+
+# Batch's tensor fields: what moves to pinned memory and to the device.
+BATCH_TENSORS = (
+    "tokens",
+    "token_lens",
+    "feats",
+    "feat_lens",
+    "audio",
+    "audio_lens",
+    "hotwords",
+    "hotword_lens",
+    "bias_targets",
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,11 @@ class Batch:
     # The seed the batch's augmentation drew from: a model that draws per-utterance
     # choices of its own (Paraformer's glancing) draws them from (seed, epoch, id) too.
     seed: int = 0
+    # With data.hotwords: the batch's training hotwords (K, L), their lengths (K,) and
+    # each utterance's bias targets (B, U) (see echoic.data.hotwords).
+    hotwords: torch.Tensor | None = None
+    hotword_lens: torch.Tensor | None = None
+    bias_targets: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -123,7 +145,7 @@ class Batch:
         return int(self.input_lens.max()) * self.size // self.samples_per_frame if self.size else 0
 
     def pin_memory(self) -> Batch:
-        for name in ("tokens", "token_lens", "feats", "feat_lens", "audio", "audio_lens"):
+        for name in BATCH_TENSORS:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.pin_memory())
@@ -293,6 +315,18 @@ class AsrDataset:
             feats, feat_lens = _pad([i["feats"] for i in items], 0.0, trailing=(dim,))
         else:
             audio, audio_lens = _pad([i["audio"] for i in items], 0.0)
+        hotwords = None
+        if self.config.hotwords is not None and tokens is not None:
+            hotwords = sample_batch_hotwords(
+                [i["text"] for i in items],
+                [i["id"] for i in items],
+                tokens,
+                token_lens,
+                self.tokenizer,
+                seed=self.seed,
+                epoch=plan.epoch,
+                config=self.config.hotwords,
+            )
         return Batch(
             epoch=plan.epoch,
             index=plan.index,
@@ -309,6 +343,9 @@ class AsrDataset:
             unknown_chars=unknown,
             samples_per_frame=1 if feats is not None else waveform_frame_samples(self.input_spec),
             seed=self.seed,
+            hotwords=hotwords.tokens if hotwords is not None else None,
+            hotword_lens=hotwords.lens if hotwords is not None else None,
+            bias_targets=hotwords.bias_targets if hotwords is not None else None,
         )
 
 

@@ -31,7 +31,8 @@ BLANK_ID = 0
 UNK_ID = 1
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
+    """The text every tokenizer encodes: single spaces, none between CJK characters."""
     return drop_spaces_between_cjk(" ".join(text.split()))
 
 
@@ -67,6 +68,12 @@ class Tokenizer:
         """The characters of `text` that `encode` maps to <unk>, in order."""
         raise NotImplementedError
 
+    def token_ranges(self, text: str) -> list[tuple[int, int]]:
+        """For each token of `encode(text)`, the characters of `clean_text(text)` it
+        covers, as (start, end); a token that covers none (a lone word boundary at the
+        start) has start == end."""
+        raise NotImplementedError
+
     def to_json(self) -> dict:
         raise NotImplementedError
 
@@ -88,17 +95,20 @@ class CharTokenizer(Tokenizer):
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
         chars: set[str] = set()
         for text in texts:
-            chars.update(_clean(text).replace(" ", WORD_BOUNDARY))
+            chars.update(clean_text(text).replace(" ", WORD_BOUNDARY))
         return cls([BLANK, UNK, *sorted(chars), SOS_EOS])
 
     def _symbols(self, text: str) -> str:
-        return _clean(text).replace(" ", WORD_BOUNDARY)
+        return clean_text(text).replace(" ", WORD_BOUNDARY)
 
     def encode(self, text: str) -> list[int]:
         return [self._ids.get(char, UNK_ID) for char in self._symbols(text)]
 
     def unknown_chars(self, text: str) -> list[str]:
         return [char for char in self._symbols(text) if char not in self._ids]
+
+    def token_ranges(self, text: str) -> list[tuple[int, int]]:
+        return [(i, i + 1) for i in range(len(self._symbols(text)))]
 
     def decode(self, ids: Iterable[int]) -> str:
         special = (BLANK_ID, self.sos_eos_id)
@@ -145,7 +155,7 @@ class BpeTokenizer(Tokenizer):
         if vocab_size < 4:
             raise EchoicError("--vocab-size must be at least 4")
         model = io.BytesIO()
-        sentences = [_clean(t) for t in texts if t.strip()]
+        sentences = [clean_text(t) for t in texts if t.strip()]
         if not sentences:
             raise EchoicError("no non-empty transcripts to train a BPE model on")
         try:
@@ -178,13 +188,27 @@ class BpeTokenizer(Tokenizer):
         return cls(model.getvalue())
 
     def encode(self, text: str) -> list[int]:
-        return self._processor.encode(_clean(text), out_type=int)
+        return self._processor.encode(clean_text(text), out_type=int)
+
+    def token_ranges(self, text: str) -> list[tuple[int, int]]:
+        clean = clean_text(text)
+        # sentencepiece gives byte offsets into the UTF-8 text: map them to characters.
+        char_at = [0] * (len(clean.encode("utf-8")) + 1)
+        position = 0
+        for index, char in enumerate(clean):
+            width = len(char.encode("utf-8"))
+            for offset in range(width):
+                char_at[position + offset] = index
+            position += width
+        char_at[position] = len(clean)
+        pieces = self._processor.encode(clean, return_type="proto").pieces
+        return [(char_at[p.begin], char_at[p.end]) for p in pieces]
 
     def unknown_chars(self, text: str) -> list[str]:
         # BPE keeps every character it covers as a piece of its own, so a character is
         # unknown exactly when it has no piece.
         processor = self._processor
-        return [c for c in _clean(text) if c != " " and processor.piece_to_id(c) == UNK_ID]
+        return [c for c in clean_text(text) if c != " " and processor.piece_to_id(c) == UNK_ID]
 
     def decode(self, ids: Iterable[int]) -> str:
         size = self._processor.get_piece_size()

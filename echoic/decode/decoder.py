@@ -7,7 +7,7 @@ model supports, and asking for another is a one-line error listing those.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from echoic.data.dataset import Batch
+from echoic.data.hotwords import hotword_tensors, phrase_tokens
 from echoic.data.tokenizer import Tokenizer, load_tokenizer
 from echoic.decode.context import ContextGraph, read_hotwords
 from echoic.decode.lm import LM_WEIGHT, WORD_BONUS, ScorerSum, WordLM
@@ -46,6 +47,9 @@ class DecodeOptions:
     # Prefix scorer: hotword graph and/or word LM (ctc_prefix_beam, attention_rescoring,
     # rnnt_beam); anything with initial_state(), step(state, token), finish(state).
     context: ContextGraph | WordLM | ScorerSum | None = None
+    # paraformer on a contextual or SeACo-Paraformer: the hotword list, token ids per
+    # hotword (echoic.models.bias); None: no list. An empty list decodes as none.
+    hotwords: tuple[tuple[int, ...], ...] | None = None
 
 
 def _prefix_beam_nbests(log_probs, lens, options):
@@ -102,8 +106,13 @@ def _rnnt_beam(model, encoded, lens, options):
 
 
 def _paraformer(model, encoded, lens, options):
+    hotwords = None
+    if options.hotwords is not None:
+        tokens, lengths = hotword_tensors([list(h) for h in options.hotwords])
+        hotwords = (tokens.to(encoded.device), lengths.to(encoded.device))
     return [
-        [Hypothesis(d.tokens, d.score, times=d.times)] for d in model.parallel_decode(encoded, lens)
+        [Hypothesis(d.tokens, d.score, times=d.times)]
+        for d in model.parallel_decode(encoded, lens, hotwords)
     ]
 
 
@@ -119,7 +128,8 @@ METHODS: dict[str, tuple[tuple[str, ...], Callable, bool]] = {
     "rnnt_greedy": (("transducer",), _rnnt_greedy, False),
     "rnnt_beam": (("transducer",), _rnnt_beam, True),
     # One batched parallel pass, greedy per position: no prefix search for a hotword graph
-    # or LM to steer, so --hotwords and --lm are refused for it (not silently ignored).
+    # or LM to steer, so --lm is refused for it (not silently ignored), and --hotwords
+    # works only with a model trained to take a list (DecodeOptions.hotwords).
     "paraformer": (("predictor", "decoder"), _paraformer, False),
 }
 
@@ -152,8 +162,46 @@ def check_options(model: EncoderModel, options: DecodeOptions) -> None:
         raise EchoicError(
             f"hotwords and --lm work with {', '.join(biased)}, not with {options.method}"
         )
+    if options.hotwords is not None and not getattr(model, "takes_hotwords", False):
+        raise EchoicError(
+            f"--hotwords with {options.method} needs a contextual or SeACo-Paraformer "
+            "(paraformer.bias); this model has no hotword modules"
+        )
     if options.beam < 1:
         raise EchoicError("--beam must be at least 1")
+
+
+def with_scorer(
+    options: DecodeOptions, scorer: ScorerSettings | None, tokenizer: Tokenizer
+) -> DecodeOptions:
+    """`options` with what `scorer` names: a prefix scorer (hotword graph, word LM) for
+    the searches that take one; for `paraformer`, the hotword list as token ids (its
+    one pass has no prefix search for an LM, which is refused)."""
+    scorer = scorer or ScorerSettings()
+    if options.method == "paraformer":
+        if scorer.lm is not None:
+            raise EchoicError(
+                "the paraformer method takes no word LM: its one parallel pass has no "
+                "prefix search for an LM to steer"
+            )
+        if scorer.hotwords is None:
+            return options
+        if scorer.hotword_boost is not None:
+            raise EchoicError(
+                "--hotword-boost is for the context graph; paraformer's hotword list has no boost"
+            )
+        phrases = []
+        for entry in read_hotwords(scorer.hotwords):
+            tokens = phrase_tokens(tokenizer, entry.phrase)
+            if tokenizer.unk_id in tokens:
+                raise EchoicError(
+                    f"hotword '{entry.phrase}' has characters the tokenizer does not know"
+                )
+            phrases.append(tuple(tokens))
+        return replace(options, hotwords=tuple(phrases))
+    context = scorer.build(tokenizer)
+    # else keep whatever context the caller's options carry
+    return replace(options, context=context) if context is not None else options
 
 
 @dataclass(frozen=True)

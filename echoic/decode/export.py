@@ -1,12 +1,20 @@
-"""`echoic export`: the encoder + CTC path as ONNX (for onnxruntime) or TorchScript.
+"""`echoic export`: a model's decoding path as ONNX (for onnxruntime) or TorchScript.
 
 Every format (model.onnx, its int8 copy model.int8.onnx, model.ts) takes fbank
 features and their lengths (a model with an SSL frontend: the 16 kHz waveform and its
-lengths, `audio` and `audio_lens`, the upstream inside the graph) and returns CTC
-log-probabilities and their lengths, with dynamic batch and time axes:
+lengths, `audio` and `audio_lens`, the upstream inside the graph), with dynamic batch
+and time axes, and returns what the family's `export_path` gives (its
+`export_outputs`, listed in export.json). For the ASR family, the encoder + CTC path:
 
     feats (B, T, F) float32, feat_lens (B,) int64
     -> log_probs (B, T', V) float32 (blank id 0), out_lens (B,) int64
+
+For a Paraformer, the whole one-pass decoding (encoder, CIF with its tail, the
+parallel decoder, best token per position) at a fixed width N = T' + 1 (T' without a
+CIF tail):
+
+    -> tokens (B, N) int64, scores (B, N) float32, counts (B,) int64,
+       positions (B, N) int64, out_lens (B,) int64
 
 `feats` is what `echoic.data.features.compute_fbank` gives: kaldi-native-fbank log-mel
 of the audio at the model's sample rate, samples scaled to the 16-bit range, the
@@ -26,33 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from echoic.errors import EchoicError
-from echoic.models.base import EncoderModel
+from echoic.models.base import CtcPath, EncoderModel
+
+__all__ = ["CtcPath", "OnnxModel", "export_info", "export_model", "quantize_onnx"]
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.ts"
-
-
-class CtcPath(nn.Module):
-    """Frontend normalisation -> encoder -> CTC log-probabilities, tensors in and out."""
-
-    def __init__(self, model: EncoderModel) -> None:
-        super().__init__()
-        if model.ctc is None:
-            raise EchoicError("export covers the encoder + CTC path; this model has no CTC head")
-        self.frontend, self.encoder, self.ctc = model.frontend, model.encoder, model.ctc
-
-    def forward(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, lens = self.frontend.export_features(feats, feat_lens)
-        encoded, lens = self.encoder(feats, lens, static=True)
-        return self.ctc.log_probs(encoded), lens
 
 
 def _example(model: EncoderModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +59,7 @@ def _example(model: EncoderModel) -> tuple[torch.Tensor, torch.Tensor]:
 def export_model(model: EncoderModel, out_dir: str | Path, fmt: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = CtcPath(model.eval()).eval()
+    path = model.eval().export_path().eval()
     example = _example(model)
     if fmt == "torchscript":
         target = out_dir / TORCHSCRIPT_FILE
@@ -89,7 +81,7 @@ def export_model(model: EncoderModel, out_dir: str | Path, fmt: str) -> Path:
             example,
             dynamo=True,
             input_names=names,
-            output_names=["log_probs", "out_lens"],
+            output_names=list(model.export_outputs),
             # The forward's own argument names, whatever the graph's inputs are called.
             dynamic_shapes={"feats": {0: batch, 1: time}, "feat_lens": {0: batch}},
             optimize=True,
@@ -107,8 +99,8 @@ def quantize_onnx(source: Path) -> Path:
     return target
 
 
-class OnnxCtc:
-    """The exported encoder + CTC in onnxruntime."""
+class OnnxModel:
+    """An exported model in onnxruntime: (inputs, lengths) -> its outputs, by name."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -121,30 +113,30 @@ class OnnxCtc:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(
-        self, feats: torch.Tensor, feat_lens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs, lengths = (i.name for i in self.session.get_inputs())  # feats or audio
-        log_probs, lens = self.session.run(
+        outputs = self.session.run(
             None,
             {
                 inputs: feats.numpy().astype(np.float32),
                 lengths: feat_lens.numpy().astype(np.int64),
             },
         )
-        return torch.from_numpy(log_probs), torch.from_numpy(lens)
+        return {name: torch.from_numpy(array) for name, array in zip(self.output_names, outputs)}
 
 
 def export_info(model: EncoderModel, fmt: str, files: list[Path]) -> dict:
     """What the exported graph takes and gives, with this model's feature settings."""
     frontend = model.frontend
     spec = model.input_spec
-    outputs = {
-        "outputs": "log_probs (B, T', V) float32, out_lens (B,) int64",
-        "blank_id": model.ctc.blank_id,
-        "vocab_size": model.ctc.proj.out_features,
-    }
+    outputs: dict = {"outputs": dict(model.export_outputs)}
+    if "log_probs" in model.export_outputs:
+        outputs["blank_id"] = model.ctc.blank_id
+    # Every family's token-indexed parameters have one row per token.
+    parameters = dict(model.named_parameters())
+    outputs["vocab_size"] = parameters[model.token_indexed_parameters()[0]].shape[0]
     if spec.kind == "waveform":
         info = frontend.info
         shortest = frontend.seconds_for_frames(model.encoder.min_input_frames)

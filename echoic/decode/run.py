@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from echoic.data.dataset import build_loader
+from echoic.data.dataset import Batch, build_loader
 from echoic.data.manifest import read_manifest
 from echoic.decode.decoder import (
     DecodeOptions,
@@ -33,11 +33,16 @@ from echoic.decode.decoder import (
     decode_batch,
     decode_ctc_log_probs,
     load_experiment_model,
+    with_scorer,
 )
-from echoic.decode.export import ONNX_FILE, OnnxCtc
+from echoic.decode.export import ONNX_FILE, OnnxModel
+from echoic.decode.search import Hypothesis
 from echoic.errors import EchoicError
+from echoic.models.paraformer import decoded_rows
 
-ONNX_METHODS = ("ctc_greedy", "ctc_prefix_beam")  # what runs on the exported CTC log-probabilities
+# What runs on an exported graph, by the outputs it has: the CTC searches on the
+# log-probabilities, a Paraformer's one pass on its tokens.
+ONNX_METHODS = {"log_probs": ("ctc_greedy", "ctc_prefix_beam"), "tokens": ("paraformer",)}
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +66,36 @@ def decode_manifest(
     """Decode every utterance; returns a summary with real-time factors and speed.
 
     `scorer` names the hotwords and word LM the search adds. `runtime="onnx"` runs the
-    exported encoder + CTC (`echoic export`) in onnxruntime for the CTC searches
-    instead of the PyTorch model. `num_workers`: loader processes for audio reading and
-    fbank (0: in this process, so the end-to-end figure is one process's)."""
+    exported graph (`echoic export`) in onnxruntime instead of the PyTorch model: the
+    encoder + CTC for the CTC searches, a Paraformer's whole one pass for `paraformer`.
+    `num_workers`: loader processes for audio reading and fbank (0: in this process,
+    so the end-to-end figure is one process's)."""
     if threads is not None:
         torch.set_num_threads(threads)
     load_start = time.perf_counter()
     model, tokenizer, config = load_experiment_model(
         exp_dir, checkpoint=checkpoint, average_last=average_last
     )
-    context = (scorer or ScorerSettings()).build(tokenizer)
-    if context is not None:  # else keep whatever context the caller's options carry
-        options = replace(options, context=context)
+    options = with_scorer(options, scorer, tokenizer)
     check_options(model, options)
     session = None
+    if runtime == "onnx" and options.hotwords is not None:
+        raise EchoicError(
+            "the exported one pass takes no hotword list: decode with --runtime torch"
+        )
     if runtime == "onnx":
-        if options.method not in ONNX_METHODS:
+        session = OnnxModel(onnx_model or Path(exp_dir) / "export" / ONNX_FILE, threads=threads)
+        runs = [
+            m
+            for out, methods in ONNX_METHODS.items()
+            if out in session.output_names
+            for m in methods
+        ]
+        if options.method not in runs:
             raise EchoicError(
-                f"--runtime onnx runs {', '.join(ONNX_METHODS)}, not {options.method}"
+                f"--runtime onnx runs {', '.join(runs) or 'nothing'} on this export, "
+                f"not {options.method}"
             )
-        session = OnnxCtc(onnx_model or Path(exp_dir) / "export" / ONNX_FILE, threads=threads)
     per_row = not getattr(model.frontend, "exact_for_padded_batches", True)
     load_seconds = time.perf_counter() - load_start
     manifest = read_manifest(manifest_path)
@@ -93,6 +108,7 @@ def decode_manifest(
         num_workers=num_workers,
         min_duration=shortest,
         feature_cache=False,  # one pass: nothing to reuse
+        hotwords=None,  # training hotwords are drawn from references: none here
     )
     loader = build_loader(
         manifest, tokenizer, data, input_spec=model.input_spec, seed=0, train=False
@@ -112,7 +128,7 @@ def decode_manifest(
             best = (
                 decode_batch(model, batch, options)
                 if session is None
-                else decode_ctc_log_probs(*_onnx_log_probs(session, batch, per_row), options)
+                else _decode_onnx(session, model, batch, options, per_row)
             )
             model_seconds += time.perf_counter() - start
             audio_seconds += sum(batch.durations)
@@ -157,14 +173,35 @@ def decode_manifest(
     return summary
 
 
-def _onnx_log_probs(session, batch, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exported graph's CTC log-probabilities for a batch: fbank and its lengths in,
-    or waveform and its lengths; one utterance at a time (`per_row`) where the graph
-    would let padding change the features (see SslFrontend.exact_for_padded_batches)."""
+def _decode_onnx(
+    session: OnnxModel, model, batch: Batch, options, per_row: bool
+) -> list[Hypothesis]:
+    outputs = _onnx_outputs(session, batch, per_row)
+    if options.method == "paraformer":
+        names = ("tokens", "scores", "counts", "positions", "out_lens")
+        rows = decoded_rows(*(outputs[n] for n in names), model.encoder.frame_shift)
+        return [Hypothesis(d.tokens, d.score, times=d.times) for d in rows]
+    return decode_ctc_log_probs(outputs["log_probs"], outputs["out_lens"], options)
+
+
+def _onnx_outputs(session: OnnxModel, batch: Batch, per_row: bool) -> dict[str, torch.Tensor]:
+    """The exported graph's outputs for a batch: fbank and its lengths in, or waveform
+    and its lengths; one utterance at a time (`per_row`) where the graph would let
+    padding change the features (see SslFrontend.exact_for_padded_batches)."""
     if batch.feats is not None:
         return session(batch.feats, batch.feat_lens)
     if not per_row:
         return session(batch.audio, batch.audio_lens)
     rows = [session(row[None, : int(n)], n[None]) for row, n in zip(batch.audio, batch.audio_lens)]
-    log_probs = torch.nn.utils.rnn.pad_sequence([lp[0] for lp, _ in rows], batch_first=True)
-    return log_probs, torch.cat([lens for _, lens in rows])
+    # Pad each output's time axis across rows (lengths, 1-D, are concatenated); firing
+    # positions pad with -1, as the graph does beyond each count.
+    return {
+        name: torch.cat([r[name] for r in rows])
+        if rows[0][name].dim() == 1
+        else torch.nn.utils.rnn.pad_sequence(
+            [r[name][0] for r in rows],
+            batch_first=True,
+            padding_value=-1 if name == "positions" else 0,
+        )
+        for name in rows[0]
+    }

@@ -32,6 +32,7 @@ from echoic.decode.decoder import (
     decode_batch,
     default_method,
     load_experiment_model,
+    with_scorer,
 )
 from echoic.decode.segment import SegmentOptions, SileroVad, find_segments
 from echoic.errors import AudioError, EchoicError
@@ -101,10 +102,12 @@ class Transcriber:
         segmentation: SegmentOptions | None = DEFAULT_SEGMENTATION,
     ) -> None:
         self.model, self.tokenizer, _ = load_experiment_model(exp_dir, checkpoint=checkpoint)
-        self.options = replace(
-            options or DecodeOptions(method=""),
-            method=method or default_method(self.model),
-            context=(scorer or ScorerSettings()).build(self.tokenizer),
+        self.options = with_scorer(
+            replace(
+                options or DecodeOptions(method=""), method=method or default_method(self.model)
+            ),
+            scorer,
+            self.tokenizer,
         )
         check_options(self.model, self.options)
         self.segmentation = segmentation

@@ -5,7 +5,8 @@ A family (echoic.models.asr, echoic.models.paraformer) subclasses `EncoderModel`
 its heads after the encoder, declares its `metric_units` once and returns a StepOutput
 with exactly those keys (echoic.models.contract). Nothing outside the family's module
 knows which family it is: the trainer calls forward, start_step, parameter_groups and
-token_indexed_parameters; decoding asks for the methods the family's modules allow.
+token_indexed_parameters; decoding asks for the methods the family's modules allow;
+`echoic export` traces the family's `export_path` and names its `export_outputs`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from echoic.data.dataset import Batch
 from echoic.data.features import CmvnStats, InputSpec
+from echoic.errors import EchoicError
 from echoic.models.contract import Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder, EncoderConfig
 from echoic.models.frontend import FrontendConfig, build_frontend
@@ -41,6 +43,11 @@ class EncoderModel(nn.Module):
     """frontend -> encoder; a family adds its heads and its forward."""
 
     metric_units: ClassVar[dict[str, Unit]]  # declared once per family
+    # The exported graph's outputs in order (name -> what it holds), for export.json.
+    export_outputs: ClassVar[dict[str, str]] = {
+        "log_probs": "(B, T', V) float32 CTC log-probabilities, blank id 0",
+        "out_lens": "(B,) int64 encoder frames per utterance",
+    }
 
     def __init__(self, frontend: nn.Module, encoder: Encoder) -> None:
         super().__init__()
@@ -85,6 +92,12 @@ class EncoderModel(nn.Module):
         fine-tuning with another vocabulary): each family lists its own."""
         raise NotImplementedError
 
+    def export_path(self) -> nn.Module:
+        """What `echoic export` traces: (inputs, lengths) -> the tensors named in
+        `export_outputs`, with no branch that depends on the data. By default the
+        encoder + CTC path; a family without CTC provides its own."""
+        return CtcPath(self)
+
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> encoder output (B, T', D), lengths (B,)."""
         feats, lengths = self.frontend(batch)
@@ -112,6 +125,24 @@ class EncoderModel(nn.Module):
             tokens = tokens[:, : int(token_lens.max())]
             ids = [utt for row, utt in enumerate(ids) if row not in dropped]
         return UsableInputs(feats, lengths, tokens, token_lens, ids, dropped, used)
+
+
+class CtcPath(nn.Module):
+    """Frontend normalisation -> encoder -> CTC log-probabilities, tensors in and out."""
+
+    def __init__(self, model: EncoderModel) -> None:
+        super().__init__()
+        ctc = getattr(model, "ctc", None)
+        if ctc is None:
+            raise EchoicError("export covers the encoder + CTC path; this model has no CTC head")
+        self.frontend, self.encoder, self.ctc = model.frontend, model.encoder, ctc
+
+    def forward(
+        self, feats: torch.Tensor, feat_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, lens = self.frontend.export_features(feats, feat_lens)
+        encoded, lens = self.encoder(feats, lens, static=True)
+        return self.ctc.log_probs(encoded), lens
 
 
 def build_frontend_encoder(

@@ -66,7 +66,12 @@ class Fired:
 
 
 def integrate_and_fire(
-    hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0, *, min_tokens: int = 0
+    hidden: torch.Tensor,
+    alphas: torch.Tensor,
+    threshold: float = 1.0,
+    *,
+    min_tokens: int = 0,
+    width: int | None = None,
 ) -> Fired:
     """Integrate frames (B, T, D) with weights alphas (B, T) >= 0 into tokens.
 
@@ -81,7 +86,10 @@ def integrate_and_fire(
     threshold after the last firing makes no token (see CifConfig.tail_threshold).
 
     `min_tokens` pads N to at least this (training passes the longest target, so shapes
-    match the targets even for an utterance that fired nothing).
+    match the targets even for an utterance that fired nothing). `width` fixes N
+    instead, without reading the counts: the ONNX export passes the frame count, a
+    bound on the tokens when no frame weighs more than the threshold, so the graph's
+    shapes do not depend on the data.
     Differentiable in hidden and alphas.
     """
     if hidden.dim() != 3 or alphas.shape != hidden.shape[:2]:
@@ -95,7 +103,8 @@ def integrate_and_fire(
     prior = F.pad(cum, (1, 0))[:, :frames]
     total = cum[:, -1] if frames else alphas.new_zeros(batch, dtype=torch.float64)
     counts = torch.floor(total + FIRE_TOLERANCE).long()
-    width = max(int(counts.max()) if batch else 0, min_tokens)
+    if width is None:
+        width = max(int(counts.max()) if batch else 0, min_tokens)
     k = torch.arange(width, device=alphas.device, dtype=torch.float64)[None, :, None]
     # share[b, k, t]: the part of frame t's weight that belongs to token k.
     upper = torch.minimum(cum[:, None, :], k + 1)
@@ -123,7 +132,10 @@ def append_tail(
     batch, frames, dim = hidden.shape
     hidden = torch.cat([hidden, hidden.new_zeros(batch, 1, dim)], dim=1)
     hidden = hidden.masked_fill(~lengths_to_mask(lengths, frames + 1)[..., None], 0.0)
-    extra = F.one_hot(lengths.long(), alphas.shape[1] + 1).to(alphas.dtype) * tail
+    # A comparison, not F.one_hot: one_hot's class count would fix the time axis in an
+    # exported graph.
+    frame = torch.arange(frames + 1, device=lengths.device)
+    extra = (frame[None, :] == lengths[:, None]).to(alphas.dtype) * tail
     return hidden, F.pad(alphas, (0, 1)) + extra
 
 
@@ -154,6 +166,13 @@ class CifPredictor(nn.Module):
         self.dropout = Dropout(config.dropout)
         self.proj = nn.Linear(input_dim, 1)
 
+    @property
+    def max_tokens_per_frame(self) -> float:
+        """The most tokens one frame's weight can complete at inference: at most 1 keeps
+        the count within the frames, which a fixed-width pass relies on."""
+        heaviest = max(self.config.smooth_factor - self.config.noise_threshold, 0.0)
+        return max(heaviest, self.config.tail_threshold) / self.config.threshold
+
     def weights(self, encoded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, D), (B,) -> alphas (B, T) in [0, 1], 0 at padded frames."""
         valid = lengths_to_mask(lengths, encoded.shape[1])
@@ -170,11 +189,15 @@ class CifPredictor(nn.Module):
         encoded: torch.Tensor,
         lengths: torch.Tensor,
         target_lengths: torch.Tensor | None = None,
+        *,
+        fixed_width: bool = False,
     ) -> CifOutput:
         """Training and validation pass target_lengths (B,): the weights are scaled so
         each utterance fires exactly its target's number of tokens, which the decoder's
         cross-entropy needs; `predicted` (the unscaled sum) feeds the quantity loss.
-        Decoding passes none: the weights are used as predicted, with the tail."""
+        Decoding passes none: the weights are used as predicted, with the tail.
+        `fixed_width` (decoding for export): N is the frame count + 1 whatever fires,
+        so no shape depends on the data (see `max_tokens_per_frame`)."""
         # Weights are summed over hundreds of frames: keep them out of reduced precision.
         with torch.autocast(encoded.device.type, enabled=False):
             alphas = self.weights(encoded, lengths)
@@ -194,7 +217,8 @@ class CifPredictor(nn.Module):
                     hidden, tailed = append_tail(hidden, alphas, lengths, tail)
                 else:
                     tailed = alphas
-                fired = integrate_and_fire(hidden, tailed, self.config.threshold)
+                width = hidden.shape[1] if fixed_width else None
+                fired = integrate_and_fire(hidden, tailed, self.config.threshold, width=width)
         positions = fired.positions
         if target_lengths is None:
             # A token fired by the tail weight fires on the frame after the audio: it

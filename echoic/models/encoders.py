@@ -92,18 +92,53 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
+class SanmConfig:
+    """SAN-M (FunASR's Paraformer encoder, arXiv 2006.01713): self-attention whose value
+    path also feeds a memory block, a depthwise convolution over time (FSMN), added to
+    the attention's output; then a feed-forward module. The memory block gives
+    positions, so no positional encoding is needed (`positional: none`), though
+    sinusoids can be added as FunASR does (`absolute`)."""
+
+    d_model: int = 256
+    num_layers: int = 12
+    num_heads: int = 4
+    ffn_dim: int = 1024
+    fsmn_kernel: int = 11  # frames the memory block sees, odd (centred)
+    positional: Literal["absolute", "none"] = "absolute"
+    subsampling: Subsampling = "auto"  # as ConformerConfig's
+    subsampling_channels: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    input_dim: int | None = None  # as ConformerConfig's: only checked
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.fsmn_kernel % 2 == 0:
+            raise ValueError(f"fsmn_kernel must be odd, got {self.fsmn_kernel}")
+
+
+BlockConfig = ConformerConfig | TransformerConfig | SanmConfig
+
+
+@dataclass(frozen=True)
 class EncoderConfig:
     """Exactly one kind; a Conformer when none is given."""
 
     conformer: ConformerConfig | None = None
     transformer: TransformerConfig | None = None
+    san_m: SanmConfig | None = None
 
     def __post_init__(self) -> None:
-        one_of(self, ["conformer", "transformer"], default={"conformer": ConformerConfig()})
+        one_of(
+            self, ["conformer", "transformer", "san_m"], default={"conformer": ConformerConfig()}
+        )
 
     @property
-    def kind(self) -> ConformerConfig | TransformerConfig:
-        return self.conformer or self.transformer
+    def kind(self) -> BlockConfig:
+        return self.conformer or self.transformer or self.san_m
 
 
 class Conv2dSubsampling(nn.Module):
@@ -181,7 +216,7 @@ class TimeSubsampling(nn.Module):
         return self.linear(x), self.output_lengths(lengths)
 
 
-def subsampling_factor(config: ConformerConfig | TransformerConfig, frame_shift: float) -> int:
+def subsampling_factor(config: BlockConfig, frame_shift: float) -> int:
     """The configured factor, or for `auto` the one that makes `frame_shift`-second input
     frames 40 ms encoder frames (4 for 10 ms fbank, 2 for 20 ms SSL frames)."""
     if config.subsampling != "auto":
@@ -251,6 +286,33 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
+class SanmBlock(nn.Module):
+    """x + MHSA(y) + FSMN(V(y)) with y = LayerNorm(x); x + FF(LayerNorm(x)). The memory
+    block reads the attention's own value projection; padded frames are zeroed before
+    its convolution, so they never reach real ones."""
+
+    def __init__(self, config: SanmConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.attn_norm = nn.LayerNorm(d)
+        self.attn = MultiHeadAttention(d, config.num_heads, config.attention_dropout, "none")
+        self.fsmn = nn.Conv1d(
+            d, d, config.fsmn_kernel, padding=config.fsmn_kernel // 2, groups=d, bias=False
+        )
+        self.ff_norm, self.ff = (
+            nn.LayerNorm(d),
+            FeedForward(d, config.ffn_dim, config.dropout, "relu"),
+        )
+        self.dropout = Dropout(config.dropout, inplace=True)  # on Linear outputs
+
+    def forward(self, x, valid, attn_mask, positions) -> torch.Tensor:
+        y = self.attn_norm(x)
+        values = self.attn.value(y).masked_fill(~valid[..., None], 0.0)
+        memory = values + self.fsmn(values.transpose(1, 2)).transpose(1, 2)
+        x = x + self.dropout(self.attn(y, y, y, mask=attn_mask)) + self.dropout(memory)
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
 class Encoder(nn.Module):
     """Subsampling, positions, a stack of blocks, a final LayerNorm.
 
@@ -259,7 +321,7 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        config: ConformerConfig | TransformerConfig,
+        config: BlockConfig,
         input_dim: int,
         frame_shift: float = 0.01,
         input_source: str = "the frontend",
@@ -268,7 +330,9 @@ class Encoder(nn.Module):
         where its width came from, for the error when the config's `input_dim` differs."""
         super().__init__()
         if config.input_dim is not None and config.input_dim != input_dim:
-            kind = "conformer" if isinstance(config, ConformerConfig) else "transformer"
+            kind = {ConformerConfig: "conformer", TransformerConfig: "transformer"}.get(
+                type(config), "san_m"
+            )
             raise ConfigError(
                 f"model.encoder.{kind}.input_dim is {config.input_dim}, but the frontend "
                 f"gives {input_dim} ({input_source}): delete input_dim from the config "
@@ -295,7 +359,9 @@ class Encoder(nn.Module):
         self.input_dropout = Dropout(config.dropout)
         if config.positional == "rel_pos":
             self.relative_positions = RelativePositions(config.d_model, config.dropout)
-        block = ConformerBlock if isinstance(config, ConformerConfig) else TransformerBlock
+        block = {ConformerConfig: ConformerBlock, TransformerConfig: TransformerBlock}.get(
+            type(config), SanmBlock
+        )
         self.blocks = nn.ModuleList(block(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
         # Recompute each block in backward to save memory: a training-time choice the

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from echoic.data.features import CmvnStats
 from echoic.models.asr import build_asr
 from echoic.models.base import EncoderModel
+from echoic.models.contextual import build_contextual_paraformer
 from echoic.models.encoders import EncoderConfig
 from echoic.models.frontend import FrontendConfig
 from echoic.models.heads.attention import AttentionDecoderConfig
@@ -53,6 +54,8 @@ def build_model(
 ) -> EncoderModel:
     """The model for `config`, with the vocabulary size from the tokenizer and, for an
     fbank frontend with global CMVN, the statistics from `echoic prepare`."""
+    if config.paraformer is not None and config.paraformer.bias is not None:
+        return build_contextual_paraformer(config, vocab_size, cmvn)
     if config.paraformer is not None:
         return build_paraformer(config, vocab_size, cmvn)
     return build_asr(config, vocab_size, cmvn)

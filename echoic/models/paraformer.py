@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from echoic.data.dataset import IGNORE_ID, Batch
 from echoic.data.features import CmvnStats
+from echoic.errors import EchoicError
 from echoic.models.base import EncoderModel, build_frontend_encoder, step_output
-from echoic.models.cif import CifConfig, CifPredictor, quantity_loss, token_times
+from echoic.models.bias import BiasConfig
+from echoic.models.cif import CifConfig, CifOutput, CifPredictor, quantity_loss, token_times
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
 from echoic.models.glm import glance, glancing_mask
@@ -41,6 +44,8 @@ class ParaformerConfig:
     weight: float = 1.0  # of loss_att, the decoder's cross-entropy
     quantity_weight: float = 1.0  # of loss_pre, |predicted count - target count|
     label_smoothing: float = 0.1
+    # Hotword modules (echoic.models.bias): a contextual or SeACo-Paraformer; null: none.
+    bias: BiasConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.glancing_ratio <= 1.0:
@@ -102,12 +107,13 @@ class ParaformerModel(EncoderModel):
         width = tokens.shape[1]
         acoustic = cif.embeddings[:, :width]
         loss_pre = quantity_loss(cif.predicted, token_lens)
+        bias = self.decoder_bias(_batch_hotwords(batch), len(token_lens))
 
         first = None
         decoder_input = acoustic
         if self.training and self.config.glancing_ratio > 0:
             with torch.no_grad():
-                first = self.decoder(acoustic, token_lens, encoded, encoded_lens)
+                first = self.decoder(acoustic, token_lens, encoded, encoded_lens, bias=bias)
             mask = glancing_mask(
                 first.argmax(-1),
                 tokens,
@@ -118,7 +124,7 @@ class ParaformerModel(EncoderModel):
                 epoch=batch.epoch,
             )
             decoder_input = glance(acoustic, self.decoder.embed_tokens(tokens), mask)
-        logits = self.decoder(decoder_input, token_lens, encoded, encoded_lens)
+        logits = self.decoder(decoder_input, token_lens, encoded, encoded_lens, bias=bias)
         loss_att = F.cross_entropy(
             logits.float().transpose(1, 2),
             tokens,
@@ -139,30 +145,125 @@ class ParaformerModel(EncoderModel):
             out = self.ctc(encoded, encoded_lens, tokens, token_lens)
             total = total + self.ctc.weight * out.loss
             metrics.update(out.metrics)
+        total = total + self.bias_loss(batch, inputs, acoustic, encoded, encoded_lens, metrics)
         metrics["th_accuracy"] = Metric(float(correct), float(valid.sum()), TOKENS)
         metrics["loss"] = Metric(float(total.detach()), utterances, UTTERANCES)
         return step_output(total, used, metrics, inputs.dropped)
 
+    # -- what a contextual family changes (echoic.models.bias) --------------------------
+
+    def decoder_bias(
+        self, hotwords: tuple[torch.Tensor, torch.Tensor] | None, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The hotword memory the decoder attends to; None: a plain Paraformer."""
+        return None
+
+    def bias_loss(self, batch, inputs, acoustic, encoded, encoded_lens, metrics) -> torch.Tensor:
+        """A loss of the hotword modules, its metric put in `metrics`; 0 for none."""
+        return acoustic.new_zeros(())
+
+    def position_log_probs(
+        self,
+        states: torch.Tensor,
+        cif: CifOutput,
+        encoded: torch.Tensor,
+        lengths: torch.Tensor,
+        hotwords: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Log-probabilities (B, N, V) per position from the decoder's states."""
+        return self.decoder.out(states).float().log_softmax(-1)
+
+    @property
+    def takes_hotwords(self) -> bool:
+        return False
+
+    export_outputs: ClassVar[dict[str, str]] = {
+        "tokens": "(B, N) int64 best token per position, N = encoder frames (+ 1 with a CIF tail)",
+        "scores": "(B, N) float32 its log-probability",
+        "counts": "(B,) int64 tokens fired: positions from counts on are padding",
+        "positions": "(B, N) int64 encoder frame each token fired at, -1 beyond counts",
+        "out_lens": "(B,) int64 encoder frames per utterance",
+    }
+
+    def export_path(self) -> nn.Module:
+        return ParaformerPath(self)
+
     @torch.no_grad()
-    def parallel_decode(self, encoded: torch.Tensor, lengths: torch.Tensor) -> list[Decoded]:
-        """One pass: CIF (with its tail) fires the embeddings, the decoder predicts every
-        position at once, the best token per position wins. Times come from the CIF
-        firing frames."""
-        cif = self.predictor(encoded, lengths)
-        logits = self.decoder(cif.embeddings, cif.counts, encoded, lengths)
-        best = logits.float().log_softmax(-1).max(-1)
-        results = []
-        shift = self.encoder.frame_shift
-        for row, count in enumerate(cif.counts.tolist()):
-            duration = float(lengths[row]) * shift
-            results.append(
-                Decoded(
-                    tuple(best.indices[row, :count].tolist()),
-                    float(best.values[row, :count].sum()),
-                    tuple(token_times(cif.positions[row, :count].tolist(), shift, duration)),
-                )
+    def one_pass(
+        self,
+        encoded: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        fixed_width: bool = False,
+        hotwords: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CIF (with its tail) fires the embeddings, the decoder predicts every position
+        at once, the best token per position wins -> tokens (B, N), their
+        log-probabilities (B, N), counts (B,), firing frames (B, N). N is the longest
+        count, or with `fixed_width` the frame count + 1 (export: no shape depends on
+        the data; the extra positions are masked out of self-attention, so the
+        positions within each count are the same). `hotwords`: a contextual model's
+        list, (K, L) token ids padded with -1 and (K,) lengths; None: no list."""
+        cif = self.predictor(encoded, lengths, fixed_width=fixed_width)
+        bias = self.decoder_bias(hotwords, encoded.shape[0])
+        states = self.decoder.states(cif.embeddings, cif.counts, encoded, lengths, bias=bias)
+        best = self.position_log_probs(states, cif, encoded, lengths, hotwords).max(-1)
+        return best.indices, best.values, cif.counts, cif.positions
+
+    def parallel_decode(
+        self,
+        encoded: torch.Tensor,
+        lengths: torch.Tensor,
+        hotwords: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[Decoded]:
+        """One pass over the batch; times come from the CIF firing frames."""
+        return decoded_rows(
+            *self.one_pass(encoded, lengths, hotwords=hotwords),
+            lengths,
+            self.encoder.frame_shift,
+        )
+
+
+class ParaformerPath(nn.Module):
+    """Frontend normalisation -> encoder -> the one pass at a fixed width, tensors in
+    and out: what `echoic export` traces for a Paraformer (`export_outputs`)."""
+
+    def __init__(self, model: ParaformerModel) -> None:
+        super().__init__()
+        if model.predictor.max_tokens_per_frame > 1.0:
+            raise EchoicError(
+                "export needs CIF weights of at most one token per frame "
+                "(smooth_factor - noise_threshold and tail_threshold <= threshold)"
             )
-        return results
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats, lens = self.model.frontend.export_features(feats, feat_lens)
+        encoded, lens = self.model.encoder(feats, lens, static=True)
+        return (*self.model.one_pass(encoded, lens, fixed_width=True), lens)
+
+
+def decoded_rows(
+    tokens: torch.Tensor,
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+    frame_shift: float,
+) -> list[Decoded]:
+    """The one pass's tensors (from PyTorch or the exported graph) -> one Decoded per
+    utterance: its first `count` positions, their summed log-probability and times."""
+    results = []
+    for row, count in enumerate(counts.tolist()):
+        duration = float(lengths[row]) * frame_shift
+        results.append(
+            Decoded(
+                tuple(tokens[row, :count].tolist()),
+                float(scores[row, :count].sum()),
+                tuple(token_times(positions[row, :count].tolist(), frame_shift, duration)),
+            )
+        )
+    return results
 
 
 @dataclass(frozen=True)
@@ -174,18 +275,33 @@ class Decoded:
     times: tuple[tuple[float, float], ...]  # (start, end) seconds per token
 
 
+def _batch_hotwords(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if batch.hotwords is None:
+        return None
+    return batch.hotwords, batch.hotword_lens
+
+
 def build_paraformer(
     config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
 ) -> ParaformerModel:
-    """The Paraformer family's model for `config` (see echoic.models.model.build_model)."""
+    """The Paraformer family's model for `config` (see echoic.models.model.build_model);
+    with a `bias` section, echoic.models.contextual builds it on the same parts."""
+    return ParaformerModel(*paraformer_parts(config, vocab_size, cmvn))
+
+
+def paraformer_parts(
+    config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None, *, contextual: bool = False
+) -> tuple:
+    """(frontend, encoder, predictor, decoder, config, ctc) in ParaformerModel's order;
+    `contextual`: a decoder that attends to hotwords."""
     frontend, encoder = build_frontend_encoder(config.frontend, config.encoder, cmvn)
     dim = encoder.output_dim
     paraformer = config.paraformer
-    return ParaformerModel(
+    return (
         frontend,
         encoder,
         CifPredictor(dim, paraformer.cif),
-        ParaformerDecoder(dim, vocab_size, paraformer.decoder),
+        ParaformerDecoder(dim, vocab_size, paraformer.decoder, contextual=contextual),
         paraformer,
-        ctc=CtcHead(dim, vocab_size, config.ctc) if config.ctc else None,
+        CtcHead(dim, vocab_size, config.ctc) if config.ctc else None,
     )

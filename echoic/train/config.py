@@ -168,6 +168,15 @@ class ExperimentConfig:
                 "data.spec_augment masks fbank, and an SSL frontend takes waveform: "
                 "set data.spec_augment: null"
             )
+        paraformer = self.model.paraformer
+        biased = paraformer is not None and paraformer.bias is not None
+        if biased and self.data.hotwords is None:
+            raise ValueError(
+                "model.paraformer.bias learns from training hotwords: set data.hotwords "
+                "(e.g. data.hotwords: {rate: 0.5})"
+            )
+        if self.data.hotwords is not None and not biased:
+            raise ValueError("data.hotwords is for a model with model.paraformer.bias")
         fbank = self.model.frontend.fbank
         if self.data.feature_cache and fbank is not None and fbank.fbank.dither > 0:
             raise ValueError("data.feature_cache needs model.frontend.fbank.fbank.dither 0")

@@ -36,7 +36,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from echoic.data.dataset import Batch, BatchLoader, build_loader
+from echoic.data.dataset import BATCH_TENSORS, Batch, BatchLoader, build_loader
 from echoic.data.features import CmvnStats
 from echoic.data.manifest import read_manifest
 from echoic.data.tokenizer import load_tokenizer
@@ -903,7 +903,7 @@ def _upgrade_state_v1(state: dict[str, Any], metric_keys: Iterable[str]) -> dict
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
-    for name in ("tokens", "token_lens", "feats", "feat_lens", "audio", "audio_lens"):
+    for name in BATCH_TENSORS:
         value = getattr(batch, name)
         if value is not None:
             setattr(batch, name, value.to(device, non_blocking=True))

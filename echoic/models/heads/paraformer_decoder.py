@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from echoic.models.heads.attention import AttentionDecoderConfig, DecoderLayer
-from echoic.models.layers import lengths_to_mask
+from echoic.models.layers import MultiHeadAttention, lengths_to_mask
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,14 @@ class ParaformerDecoder(nn.Module):
     """forward: token embeddings (B, N, D) and their counts (B,), encoder output
     (B, T, D) and its lengths (B,) -> logits (B, N, V)."""
 
-    def __init__(self, input_dim: int, vocab_size: int, config: ParaformerDecoderConfig) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        vocab_size: int,
+        config: ParaformerDecoderConfig,
+        *,
+        contextual: bool = False,
+    ) -> None:
         super().__init__()
         # DecoderLayer reads only these fields of the attention head's config.
         layer_config = AttentionDecoderConfig(
@@ -54,6 +61,14 @@ class ParaformerDecoder(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(input_dim, layer_config) for _ in range(config.num_layers)
         )
+        # A contextual Paraformer (echoic.models.bias): after the layers, attention to the
+        # hotword embeddings, added to the states.
+        self.bias_norm = self.bias_attn = None
+        if contextual:
+            self.bias_norm = nn.LayerNorm(input_dim)
+            self.bias_attn = MultiHeadAttention(
+                input_dim, config.num_heads, config.attention_dropout
+            )
         self.final_norm = nn.LayerNorm(input_dim)
         self.out = nn.Linear(input_dim, vocab_size)
 
@@ -73,7 +88,23 @@ class ParaformerDecoder(nn.Module):
         lengths: torch.Tensor,
         memory: torch.Tensor,
         memory_lens: torch.Tensor,
+        *,
+        bias: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """-> logits (B, N, V); see `states`."""
+        return self.out(self.states(embeddings, lengths, memory, memory_lens, bias=bias))
+
+    def states(
+        self,
+        embeddings: torch.Tensor,
+        lengths: torch.Tensor,
+        memory: torch.Tensor,
+        memory_lens: torch.Tensor,
+        *,
+        bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The normalised states (B, N, D) the output layer reads. `bias`: hotword
+        memory (B, K + 1, D) and its mask, for a contextual decoder."""
         positions = embeddings.shape[1]
         if embeddings.shape[0] != memory.shape[0] or embeddings.shape[2] != memory.shape[2]:
             raise ValueError(
@@ -91,4 +122,10 @@ class ParaformerDecoder(nn.Module):
         x = embeddings.to(memory.dtype)
         for layer in self.layers:
             x = layer(x, self_mask, memory, memory_mask)
-        return self.out(self.final_norm(x))
+        if self.bias_attn is not None:
+            if bias is None:
+                raise ValueError("a contextual decoder needs the hotword memory")
+            hotwords, hotword_mask = bias
+            y = self.bias_norm(x)
+            x = x + self.bias_attn(y, hotwords.to(x.dtype), hotwords.to(x.dtype), mask=hotword_mask)
+        return self.final_norm(x)
