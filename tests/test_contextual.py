@@ -29,7 +29,7 @@ from echoic.decode.decoder import (
 )
 from echoic.decode.run import decode_manifest
 from echoic.errors import ConfigError, EchoicError
-from echoic.models.bias import filter_hotwords, merge_posteriors
+from echoic.models.bias import BiasEncoder, expand_hotwords, filter_hotwords, merge_posteriors
 from echoic.models.contract import check_step_output
 from echoic.models.model import build_model
 from echoic.score import read_hypotheses, score_texts
@@ -39,6 +39,8 @@ from echoic.train.trainer import Trainer
 DECODER = {"num_layers": 1, "num_heads": 2, "ffn_dim": 64, "dropout": 0.0}
 BIAS = {"num_layers": 1, "num_heads": 2, "ffn_dim": 64}
 KINDS = ["seaco", "contextual"]
+# ... and a SeACo-Paraformer whose hotword memory has one entry per hotword token.
+MEMORIES = [*KINDS, "seaco:tokens", "seaco:copy"]
 
 
 def _heads(kind: str) -> dict:
@@ -49,8 +51,13 @@ def _heads(kind: str) -> dict:
 
 
 def _bias(kind: str, **seaco) -> dict:
-    """The bias section: the seaco decoder's size only where there is one."""
-    return {"kind": kind, **(seaco or BIAS)} if kind == "seaco" else {"kind": kind}
+    """The bias section: the seaco decoder's size only where there is one; "kind:memory"
+    also sets the memory."""
+    kind, _, memory = kind.partition(":")
+    section = {"kind": kind, **(seaco or BIAS)} if kind == "seaco" else {"kind": kind}
+    if memory == "copy":  # the pointer posterior over a per-token memory
+        return {**section, "memory": "tokens", "copy": True}
+    return {**section, "memory": memory} if memory else section
 
 
 def _with_hotwords(batch):
@@ -150,7 +157,7 @@ def test_a_decode_time_hotword_has_the_tokens_training_saw_mid_sentence():
     assert phrase_tokens(char, "the cat") == char.encode("the cat")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MEMORIES)
 def test_both_models_keep_the_metrics_contract(kind):
     torch.manual_seed(0)
     model = build_model(tiny_config(_heads(kind)), VOCAB)
@@ -167,8 +174,8 @@ def test_both_models_keep_the_metrics_contract(kind):
     check_step_output(model.metric_units, evaluation)
     for name in model.metric_units:
         assert (train.metrics[name] is None) == (evaluation.metrics[name] is None), name
-    assert ("loss_seaco" in model.metric_units) == (kind == "seaco")
-    if kind == "seaco":
+    assert ("loss_seaco" in model.metric_units) == kind.startswith("seaco")
+    if kind.startswith("seaco"):
         assert evaluation.metrics["loss_seaco"].total > 0
         expected = sum(
             w * evaluation.metrics[k].total
@@ -177,7 +184,7 @@ def test_both_models_keep_the_metrics_contract(kind):
         assert float(evaluation.loss) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MEMORIES)
 def test_every_parameter_gets_a_gradient_from_a_batch_without_hotwords(kind):
     """Distributed training needs a gradient for every parameter at every step, also
     when no utterance of a batch gave a hotword."""
@@ -211,7 +218,7 @@ def test_config_and_decoding_refuse_what_they_cannot_use():
         with_scorer(DecodeOptions("paraformer"), ScorerSettings(lm=__file__), tokenizer)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MEMORIES)
 def test_an_empty_hotword_list_decodes_as_no_list(kind):
     torch.manual_seed(0)
     model = build_model(tiny_config(_heads(kind)), VOCAB).eval()
@@ -226,6 +233,32 @@ def test_an_empty_hotword_list_decodes_as_no_list(kind):
     plain_model = build_model(tiny_config({"paraformer": {"decoder": DECODER}}), VOCAB)
     with pytest.raises(EchoicError, match="needs a contextual or SeACo-Paraformer"):
         check_options(plain_model, DecodeOptions("paraformer", hotwords=((3, 4),)))
+
+
+def test_a_per_token_memory_has_an_entry_per_hotword_token_and_sums_them_per_hotword():
+    torch.manual_seed(0)
+    hotwords, lens = hotword_tensors([[3, 4, 5], [6]])
+    last = BiasEncoder(VOCAB, 8)(hotwords, lens)
+    assert last.entries.shape == (3, 8) and last.owner.tolist() == [0, 1, 2]
+    per_token = BiasEncoder(VOCAB, 8, per_token=True)
+    per_token.load_state_dict(BiasEncoder(VOCAB, 8).state_dict())  # same parameters
+    memory = per_token(hotwords, lens)
+    # no-bias, then 3 entries per hotword (its padded width); the second's last two pad.
+    assert memory.owner.tolist() == [0, 1, 1, 1, 2, 2, 2]
+    assert memory.valid.tolist() == [True, True, True, True, True, False, False]
+    # An entry is the LSTM's state after that token, so a hotword's last entry is what
+    # the one-entry memory holds.
+    reference = BiasEncoder(VOCAB, 8)
+    reference.load_state_dict(per_token.state_dict())
+    torch.testing.assert_close(memory.entries[3], reference(hotwords, lens).entries[1])
+    weights = torch.tensor([[[0.1, 0.2, 0.3, 0.1, 0.3, 0.0, 0.0]]])
+    torch.testing.assert_close(memory.per_hotword(weights), torch.tensor([[[0.1, 0.6, 0.3]]]))
+    # Filtering a hotword masks all its entries; padding stays masked.
+    _, mask = expand_hotwords(memory, 2, torch.tensor([[True, False, True], [True, True, True]]))
+    assert mask[:, 0, 0].tolist() == [
+        [True, False, False, False, True, False, False],
+        [True, True, True, True, True, False, False],
+    ]
 
 
 def test_the_attention_score_filter_drops_hotwords_attention_never_picks():

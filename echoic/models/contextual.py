@@ -27,6 +27,8 @@ from echoic.data.hotwords import IGNORE_ID
 from echoic.models.base import UsableInputs
 from echoic.models.bias import (
     BiasEncoder,
+    CopyOutput,
+    HotwordMemory,
     SeacoDecoder,
     expand_hotwords,
     filter_hotwords,
@@ -47,7 +49,8 @@ class BiasedParaformer(ParaformerModel):
 
     def __init__(self, *parts, vocab_size: int) -> None:
         super().__init__(*parts)
-        self.bias_encoder = BiasEncoder(vocab_size, self.encoder.output_dim)
+        per_token = self.config.bias.memory == "tokens"
+        self.bias_encoder = BiasEncoder(vocab_size, self.encoder.output_dim, per_token)
 
     @property
     def takes_hotwords(self) -> bool:
@@ -57,18 +60,15 @@ class BiasedParaformer(ParaformerModel):
         own = [f"bias_encoder.{key}" for key in self.bias_encoder.token_indexed()]
         return super().token_indexed_parameters() + own
 
-    def hotword_memory(
-        self, hotwords: Hotwords | None, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The list's embeddings for every utterance (B, K + 1, D) and the mask; no list
-        is the no-bias entry alone."""
+    def hotword_memory(self, hotwords: Hotwords | None) -> HotwordMemory:
+        """The list's memory entries; no list is the no-bias entry alone."""
         if hotwords is None:
             device = self.bias_encoder.no_bias.device
             hotwords = (
                 torch.zeros(0, 1, dtype=torch.long, device=device),
                 torch.zeros(0, dtype=torch.long, device=device),
             )
-        return expand_hotwords(self.bias_encoder(*hotwords), batch)
+        return self.bias_encoder(*hotwords)
 
 
 class ContextualParaformer(BiasedParaformer):
@@ -76,7 +76,7 @@ class ContextualParaformer(BiasedParaformer):
     own cross-entropy teaches it to use them. Same metrics as a plain Paraformer."""
 
     def decoder_bias(self, hotwords: Hotwords | None, batch: int):
-        return self.hotword_memory(hotwords, batch)
+        return expand_hotwords(self.hotword_memory(hotwords), batch)
 
 
 class SeacoParaformer(BiasedParaformer):
@@ -100,11 +100,26 @@ class SeacoParaformer(BiasedParaformer):
         bias = self.config.bias
         dim = self.encoder.output_dim
         self.seaco_decoder = SeacoDecoder(dim, bias)
-        self.hotword_output_layer = nn.Linear(dim, vocab_size)
+        self.hotword_output_layer: nn.Module = (
+            CopyOutput(dim, vocab_size) if bias.copy else nn.Linear(dim, vocab_size)
+        )
 
     def token_indexed_parameters(self) -> list[str]:
-        own = ["hotword_output_layer.weight", "hotword_output_layer.bias"]
+        own = (
+            []
+            if self.config.bias.copy
+            else ["hotword_output_layer.weight", "hotword_output_layer.bias"]
+        )
         return super().token_indexed_parameters() + own
+
+    def hotword_posterior(
+        self, out: torch.Tensor, memory: HotwordMemory, entries: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The seaco decoder's states -> hotword logits or log-posterior (B, N, V), and
+        a copy posterior's pointer weights over the entries (None for the linear one)."""
+        if self.config.bias.copy:
+            return self.hotword_output_layer(out, entries, mask, memory.tokens)
+        return self.hotword_output_layer(out), None
 
     def bias_loss(
         self,
@@ -123,9 +138,10 @@ class SeacoParaformer(BiasedParaformer):
         # The ASR decoder's states on the acoustic embeddings alone (no glancing): what
         # the seaco decoder reads at inference.
         states = self.decoder.states(acoustic, token_lens, encoded, encoded_lens)
-        memory, mask = self.hotword_memory((batch.hotwords, batch.hotword_lens), len(token_lens))
-        out, _ = self.seaco_decoder(states, acoustic, token_lens, memory, mask)
-        logits = self.hotword_output_layer(out)
+        memory = self.hotword_memory((batch.hotwords, batch.hotword_lens))
+        entries, mask = expand_hotwords(memory, len(token_lens))
+        out, _ = self.seaco_decoder(states, acoustic, token_lens, entries, mask)
+        logits, _ = self.hotword_posterior(out, memory, entries, mask)
         targets = batch.bias_targets
         if inputs.dropped and inputs.used:
             keep = [row for row in range(batch.size) if row not in inputs.dropped]
@@ -149,13 +165,19 @@ class SeacoParaformer(BiasedParaformer):
         if hotwords is None or hotwords[0].shape[0] == 0:
             return asr_logits.float().log_softmax(-1)  # no list: plain decoding
         bias = self.config.bias
-        memory, mask = self.hotword_memory(hotwords, states.shape[0])
+        memory = self.hotword_memory(hotwords)
+        entries, mask = expand_hotwords(memory, states.shape[0])
         acoustic = cif.embeddings
-        _, weights = self.seaco_decoder(states, acoustic, cif.counts, memory, mask, scores=True)
-        keep = filter_hotwords(weights, cif.counts, bias.filter_threshold, bias.max_kept)
-        memory, mask = expand_hotwords(memory[0], states.shape[0], keep)
-        out, _ = self.seaco_decoder(states, acoustic, cif.counts, memory, mask)
-        merged = merge_posteriors(asr_logits, self.hotword_output_layer(out), bias.merge_weight)
+        out, weights = self.seaco_decoder(states, acoustic, cif.counts, entries, mask, scores=True)
+        if bias.copy:  # the pointer's weights say which hotwords it names
+            _, weights = self.hotword_posterior(out, memory, entries, mask)
+        keep = filter_hotwords(
+            memory.per_hotword(weights), cif.counts, bias.filter_threshold, bias.max_kept
+        )
+        entries, mask = expand_hotwords(memory, states.shape[0], keep)
+        out, _ = self.seaco_decoder(states, acoustic, cif.counts, entries, mask)
+        logits, _ = self.hotword_posterior(out, memory, entries, mask)
+        merged = merge_posteriors(asr_logits, logits, bias.merge_weight)
         # An utterance whose every hotword was filtered out decodes as without a list.
         plain = asr_logits.float().log_softmax(-1)
         listed = keep[:, 1:].any(dim=1)[:, None, None]
