@@ -102,6 +102,36 @@ def _prepare(args: argparse.Namespace) -> None:
         )
 
 
+def _kmeans(args: argparse.Namespace) -> None:
+    from echoic.data.units import kmeans_units
+
+    result = kmeans_units(
+        args.manifest,
+        args.out,
+        features=args.features,
+        k=args.k,
+        seed=args.seed,
+        sample_fraction=args.sample_fraction,
+        max_sample_frames=args.max_sample_frames,
+        backend=args.backend,
+        jobs=args.jobs or os.cpu_count() or 1,
+    )
+    report = result.report
+    print(
+        f"k-means ({report['backend']}, K={report['k']}) on {report['sample_frames']} frames of "
+        f"{report['features']}: fit {report['fit_seconds']:.1f} s, inertia "
+        f"{report['sample_inertia']:.3f}"
+    )
+    for name, stats in report["manifests"].items():
+        skipped = sum(stats["skipped"].values())
+        print(
+            f"  {args.out}/{name}: {stats['utterances']} utterances ({skipped} skipped), "
+            f"{stats['frames']} frames, {stats['clusters_used']}/{report['k']} clusters used, "
+            f"label perplexity {stats['perplexity']:.1f} (uniform {report['k']}), largest "
+            f"cluster {100 * stats['largest_cluster_share']:.1f}%"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from echoic.train.config import load_experiment
     from echoic.train.trainer import Trainer
@@ -454,6 +484,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(run=_prepare)
+
+    kmeans = commands.add_parser(
+        "kmeans",
+        help="frame-level k-means labels: HuBERT's pretraining targets",
+        description="Fit k-means (scikit-learn or faiss) on a sample of the first manifest's "
+        "20 ms frames and label every manifest's frames with the nearest centroid. OUT is "
+        "a data.lang folder (tokenizer.json of kind units) holding each manifest with its "
+        "text replaced by the labels, centroids.safetensors and report.json (cluster "
+        "usage, label perplexity).",
+    )
+    kmeans.add_argument(
+        "--manifest", required=True, action="append", help="manifest (repeat: the first is fit on)"
+    )
+    kmeans.add_argument(
+        "--features",
+        default="mfcc",
+        help="mfcc (39-dim, iteration 1) or ssl:PATH:LAYER (a HuggingFace folder's hidden state)",
+    )
+    kmeans.add_argument("--k", type=int, default=100, help="clusters")
+    kmeans.add_argument("--out", required=True, help="output folder")
+    kmeans.add_argument("--seed", type=int, default=0)
+    kmeans.add_argument(
+        "--sample-fraction", type=float, default=0.1, help="share of utterances fit on"
+    )
+    kmeans.add_argument("--max-sample-frames", type=int, default=300_000)
+    kmeans.add_argument("--backend", choices=["sklearn", "faiss"], default="sklearn")
+    kmeans.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    kmeans.set_defaults(run=_kmeans)
 
     train = commands.add_parser(
         "train",

@@ -222,6 +222,45 @@ class BpeTokenizer(Tokenizer):
         }
 
 
+class UnitTokenizer(Tokenizer):
+    """Cluster ids 0..K-1 (HuBERT's targets, see echoic.data.units) as tokens: a
+    transcript is the ids as space-separated integers, id k is token k + 2."""
+
+    kind = "units"
+    FIRST = 2  # the id of cluster 0: after <blank> and <unk>
+
+    def __init__(self, num_units: int) -> None:
+        if num_units < 2:
+            raise ValueError("a unit vocabulary needs at least 2 units")
+        self.num_units = num_units
+        self.tokens = [BLANK, UNK, *(str(i) for i in range(num_units)), SOS_EOS]
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for unit in text.split():
+            value = int(unit) if unit.isdigit() else -1
+            ids.append(value + self.FIRST if 0 <= value < self.num_units else UNK_ID)
+        return ids
+
+    def unknown_chars(self, text: str) -> list[str]:
+        return [u for u in text.split() if not (u.isdigit() and int(u) < self.num_units)]
+
+    def token_ranges(self, text: str) -> list[tuple[int, int]]:
+        ranges, position = [], 0
+        for unit in text.split():
+            start = text.index(unit, position)
+            position = start + len(unit)
+            ranges.append((start, position))
+        return ranges
+
+    def decode(self, ids: Iterable[int]) -> str:
+        units = [i - self.FIRST for i in ids if self.FIRST <= i < self.FIRST + self.num_units]
+        return " ".join(map(str, units))
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "num_units": self.num_units, "tokens": self.tokens}
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
@@ -236,9 +275,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             if tokenizer.tokens != record["tokens"]:
                 raise ValueError("token list does not match the sentencepiece model")
             return tokenizer
+        if kind == "units":
+            return UnitTokenizer(int(record["num_units"]))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise EchoicError(f"{path}: not a tokenizer file ({error})") from None
-    raise EchoicError(f"{path}: unknown tokenizer type '{kind}' (allowed: char, bpe)")
+    raise EchoicError(f"{path}: unknown tokenizer type '{kind}' (allowed: char, bpe, units)")
 
 
 def _check_layout(tokens: list[str]) -> None:

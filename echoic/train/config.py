@@ -168,6 +168,17 @@ class ExperimentConfig:
                 "data.spec_augment masks fbank, and an SSL frontend takes waveform: "
                 "set data.spec_augment: null"
             )
+        if self.model.hubert is not None:
+            if self.data.spec_augment is not None:
+                raise ValueError(
+                    "data.spec_augment masks fbank, and hubert takes waveform (and masks "
+                    "its own frames): set data.spec_augment: null"
+                )
+            if self.data.speed_perturb != [1.0]:
+                raise ValueError(
+                    "hubert's labels are aligned to the audio as it is: set "
+                    "data.speed_perturb: [1.0]"
+                )
         paraformer = self.model.paraformer
         biased = paraformer is not None and paraformer.bias is not None
         if biased and self.data.hotwords is None:

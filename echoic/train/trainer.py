@@ -160,8 +160,7 @@ class Trainer:
             shutil.copyfile(lang / name, target)
 
     def _wants_cmvn(self) -> bool:
-        fbank = self.config.model.frontend.fbank
-        return fbank is not None and fbank.global_cmvn
+        return self.config.model.wants_cmvn
 
     def _setup(self) -> dict[str, Any] | None:
         train = self.config.train

@@ -1,0 +1,362 @@
+"""The HuBERT family: masked prediction of frame-level cluster labels (arXiv 2106.07447).
+
+The backbone is `transformers.HubertModel` built from a `HubertConfig` (convolutional
+waveform feature extractor -> projection -> transformer), so the exported HuggingFace
+folder is this model by construction. Around it echoic adds what pretraining needs:
+
+- span masking drawn from (seed, epoch, utterance id), never from a global generator,
+  so a resumed run masks exactly what an uninterrupted one does: each utterance gets
+  int(mask_prob * frames / mask_length + u) span starts (u uniform in [0, 1)) drawn
+  without replacement from its own frames (padding never), each span mask_length
+  frames; spans may overlap, so about half the frames are masked at the defaults
+  (fairseq's rule);
+- the prediction head: the last hidden states projected to `final_dim`, cosine
+  similarity with one learned embedding per cluster, divided by a temperature;
+- cross-entropy on masked frames (`loss_m`) and on unmasked ones (`loss_u`),
+  weighted. Each utterance contributes the mean over its frames, so the step loss is a
+  sum over utterances as the metrics contract wants.
+
+Targets come from `echoic kmeans` (echoic.data.units): the batch's tokens are cluster
+ids + 2 (a `units` tokenizer), one per 20 ms frame. An utterance whose label count
+differs from its frames by more than one (labels made for another frame rate) is left
+out and counted; a difference of one (rounding at the end) is cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from echoic.data.dataset import Batch
+from echoic.data.features import InputSpec
+from echoic.data.tokenizer import UnitTokenizer
+from echoic.models.base import step_output
+from echoic.models.contract import FRAMES, UTTERANCES, Metric, StepOutput, Unit, metric
+from echoic.models.layers import strided_input_length, strided_lengths
+from echoic.models.ssl import _normalize
+from echoic.seeding import make_rng
+
+log = logging.getLogger(__name__)
+
+LABEL_MISMATCH = "label_length_mismatch"
+
+
+@dataclass(frozen=True)
+class HubertBackboneConfig:
+    """transformers.HubertConfig's settings that echoic exposes (HuBERT Base's values)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    # (channels, kernel, stride) of each conv layer; the default's stride is 320 samples
+    # (20 ms) and receptive field 400 (25 ms), what `echoic kmeans` labels are aligned to
+    conv_layers: list[list[int]] = field(
+        default_factory=lambda: [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    )
+    conv_pos_kernel: int = 128  # the convolutional positional embedding
+    conv_pos_groups: int = 16
+    dropout: float = 0.1  # hidden, attention and activation dropout
+    # Pre-LN transformer (HuggingFace's do_stable_layer_norm, HuBERT Large's layout): a
+    # final layer norm, and steadier training for small models and batches than post-LN.
+    layer_norm_first: bool = True
+
+    def __post_init__(self) -> None:
+        if any(len(layer) != 3 or min(layer) < 1 for layer in self.conv_layers):
+            raise ValueError("conv_layers must list [channels, kernel, stride] triples")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+
+
+@dataclass(frozen=True)
+class HubertPretrainConfig:
+    backbone: HubertBackboneConfig = HubertBackboneConfig()
+    final_dim: int = 256  # the projection the cluster embeddings are compared in
+    mask_prob: float = 0.8  # span starts per frame x mask_length (fairseq's mask_prob)
+    mask_length: int = 10  # frames per span
+    logit_temp: float = 0.1  # cosine similarity / logit_temp
+    masked_weight: float = 1.0  # loss_m's weight in loss
+    unmasked_weight: float = 0.0  # loss_u's weight (HuBERT Base: 0)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_prob <= 1.0 or self.mask_length < 1:
+            raise ValueError("mask_prob must be in [0, 1] and mask_length at least 1")
+        if self.logit_temp <= 0:
+            raise ValueError("logit_temp must be positive")
+        if self.masked_weight < 0 or self.unmasked_weight < 0:
+            raise ValueError("loss weights must not be negative")
+        if self.masked_weight + self.unmasked_weight == 0:
+            raise ValueError("masked_weight and unmasked_weight are both 0: nothing to learn")
+
+
+def hf_config(config: HubertBackboneConfig):
+    """The transformers.HubertConfig of a backbone config."""
+    import transformers
+
+    return transformers.HubertConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.ffn_dim,
+        conv_dim=[c for c, _, _ in config.conv_layers],
+        conv_kernel=[k for _, k, _ in config.conv_layers],
+        conv_stride=[s for _, _, s in config.conv_layers],
+        num_feat_extract_layers=len(config.conv_layers),
+        num_conv_pos_embeddings=config.conv_pos_kernel,
+        num_conv_pos_embedding_groups=config.conv_pos_groups,
+        hidden_dropout=config.dropout,
+        attention_dropout=config.dropout,
+        activation_dropout=config.dropout,
+        feat_proj_dropout=config.dropout,
+        layerdrop=0.0,  # a skipped layer leaves parameters without gradients under DDP
+        # Layer norm in each conv layer normalises over channels, so padding never changes
+        # an utterance's features (group norm, HuBERT Base's, normalises over time).
+        feat_extract_norm="layer",
+        feat_proj_layer_norm=True,
+        do_stable_layer_norm=config.layer_norm_first,
+        conv_bias=config.layer_norm_first,
+    )
+
+
+def span_mask(
+    lengths: list[int], mask_prob: float, mask_length: int, rngs: list[np.random.Generator]
+) -> torch.Tensor:
+    """(B,) valid frames, one generator per utterance -> (B, max length) bool, True where
+    masked (see the module docstring). Padding is never masked; an utterance shorter than
+    a span gets none."""
+    mask = np.zeros((len(lengths), max(lengths, default=0)), dtype=bool)
+    for row, (frames, rng) in enumerate(zip(lengths, rngs, strict=True)):
+        starts_possible = frames - mask_length + 1
+        draw = rng.random()  # drawn even when unused, so each utterance's stream is fixed
+        if starts_possible < 1:
+            continue
+        count = min(int(mask_prob * frames / mask_length + draw), starts_possible)
+        if count < 1:
+            continue
+        starts = rng.choice(starts_possible, count, replace=False)
+        spans = (starts[:, None] + np.arange(mask_length)[None]).reshape(-1)
+        mask[row, spans] = True
+    return torch.from_numpy(mask)
+
+
+class _Waveform(nn.Module):
+    """The model's view of its input for the trainer: raw waveform at 16 kHz."""
+
+    def __init__(self, conv_layers: tuple[tuple[int, int], ...], sample_rate: int = 16000) -> None:
+        super().__init__()
+        self.conv_layers = conv_layers
+        self.sample_rate = sample_rate
+        self.input_spec = InputSpec("waveform", sample_rate)
+        stride = math.prod(s for _, s in conv_layers)
+        self.frame_shift = stride / sample_rate
+
+    def num_frames(self, num_samples: int) -> int:
+        return strided_lengths(num_samples, self.conv_layers)
+
+    def seconds_for_frames(self, frames: int) -> float:
+        return strided_input_length(frames, self.conv_layers) / self.sample_rate
+
+    def inputs_from_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples
+
+    def start_step(self, step: int) -> None:
+        """Nothing changes with the step."""
+
+
+class _FramesIdentity:
+    """What the trainer asks of an encoder's subsampling: frames in = frames out."""
+
+    min_input_frames = 1
+
+    @staticmethod
+    def input_frames_for(frames: int) -> int:
+        return frames
+
+    @staticmethod
+    def output_lengths(lengths):
+        return lengths
+
+
+class _EncoderView:
+    """The trainer's handle on the backbone's transformer (gradient checkpointing, the
+    blocks FSDP shards); not a module, so the weights are registered once, as backbone."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self._backbone = backbone
+        self.subsampling = _FramesIdentity()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._backbone.encoder.layers
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self._checkpointing("is"))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        if value:
+            self._checkpointing("enable")()
+        elif self.gradient_checkpointing:
+            self._checkpointing("disable")()
+
+    def _checkpointing(self, what: str):
+        """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        (the old names warn); either works."""
+        names = (
+            ("is_activation_checkpointing", "is_gradient_checkpointing")
+            if what == "is"
+            else (f"activation_checkpointing_{what}", f"gradient_checkpointing_{what}")
+        )
+        for name in names:
+            if hasattr(type(self._backbone), name):
+                return getattr(self._backbone, name)
+        raise AttributeError(names[-1])
+
+
+class HubertPretrainModel(nn.Module):
+    """forward(batch) -> StepOutput with exactly `metric_units`' keys:
+
+    loss         masked_weight x loss_m + unmasked_weight x loss_u, per utterance
+    loss_m       cross-entropy per masked frame (compare with log K, a uniform guess)
+    loss_u       cross-entropy per unmasked frame
+    acc_m        cluster accuracy on masked frames
+    acc_u        cluster accuracy on unmasked frames
+    th_accuracy  acc_m (the name every family reports)
+    """
+
+    metric_units: ClassVar[dict[str, Unit]] = {
+        "loss": UTTERANCES,
+        "loss_m": FRAMES,
+        "loss_u": FRAMES,
+        "acc_m": FRAMES,
+        "acc_u": FRAMES,
+        "th_accuracy": FRAMES,
+    }
+    unfreezes_during_training = False
+
+    def __init__(self, config: HubertPretrainConfig, num_units: int) -> None:
+        super().__init__()
+        import transformers
+
+        self.config = config
+        self.num_units = num_units
+        self.backbone = transformers.HubertModel(hf_config(config.backbone))
+        conv_layers = tuple((k, s) for _, k, s in config.backbone.conv_layers)
+        self.frontend = _Waveform(conv_layers)
+        self.encoder = _EncoderView(self.backbone)
+        self.final_proj = nn.Linear(config.backbone.hidden_size, config.final_dim)
+        self.label_embeddings = nn.Parameter(torch.empty(num_units, config.final_dim))
+        nn.init.uniform_(self.label_embeddings)
+        log.info(
+            "HuBERT targets: %d clusters; a uniform guess scores loss_m = log %d = %.3f",
+            num_units,
+            num_units,
+            math.log(num_units),
+        )
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.frontend.input_spec
+
+    def start_step(self, step: int) -> None:
+        """Nothing changes with the step."""
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": list(self.parameters()), "lr_scale": 1.0, "name": "model"}]
+
+    def token_indexed_parameters(self) -> list[str]:
+        return []  # label embeddings are indexed by cluster, which no tokenizer remaps
+
+    def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
+        return strided_lengths(audio_lens, self.frontend.conv_layers)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last hidden states -> (B, T, K) cosine logits over the clusters."""
+        projected = F.normalize(self.final_proj(hidden), dim=-1)
+        embeddings = F.normalize(self.label_embeddings, dim=-1)
+        return projected @ embeddings.T / self.config.logit_temp
+
+    def forward(self, batch: Batch) -> StepOutput:
+        audio, audio_lens = batch.audio, batch.audio_lens
+        frame_lens = self.frame_lengths(audio_lens)
+        labels = batch.tokens - UnitTokenizer.FIRST  # padding (IGNORE_ID) goes negative
+        dropped = {
+            row: LABEL_MISMATCH
+            for row, (frames, count) in enumerate(
+                zip(frame_lens.tolist(), batch.token_lens.tolist(), strict=True)
+            )
+            if abs(frames - count) > 1
+        }
+        lengths = torch.minimum(frame_lens, batch.token_lens.to(frame_lens))
+        rngs = [make_rng(batch.seed, batch.epoch, utt, "hubert-mask") for utt in batch.ids]
+        frames = int(frame_lens.max())
+        masked = span_mask(lengths.tolist(), self.config.mask_prob, self.config.mask_length, rngs)
+        masked = F.pad(masked, (0, frames - masked.shape[1])).to(audio.device)
+        attention = torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]
+        hidden = self.backbone(
+            _normalize(audio, audio_lens),
+            attention_mask=attention.long(),
+            mask_time_indices=masked,
+        ).last_hidden_state
+        logits = self.logits(hidden)
+        valid = torch.arange(frames, device=audio.device)[None] < lengths[:, None]
+        if dropped and len(dropped) < len(batch.ids):
+            valid[list(dropped)] = False
+        targets = torch.full((len(batch.ids), frames), -1, dtype=torch.long, device=audio.device)
+        width = min(frames, labels.shape[1])
+        targets[:, :width] = labels[:, :width]
+        total, parts = masked_prediction_losses(
+            logits, targets, valid, masked, self.config.masked_weight, self.config.unmasked_weight
+        )
+        used = len(batch.ids) - len(dropped)
+        metrics: dict[str, Metric | None] = {
+            "loss": metric(total.detach(), used, UTTERANCES),
+            **parts,
+            "th_accuracy": parts["acc_m"],
+        }
+        return step_output(total, used, metrics, dropped)
+
+
+def masked_prediction_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    masked: torch.Tensor,
+    masked_weight: float,
+    unmasked_weight: float,
+) -> tuple[torch.Tensor, dict[str, Metric]]:
+    """(B, T, K) logits, (B, T) cluster targets (negative: none), (B, T) bool valid and
+    masked frames -> the loss summed over utterances (each the weighted mean over its
+    masked and its unmasked frames), and loss_m, loss_u, acc_m, acc_u as frame sums."""
+    valid = valid & (targets >= 0)
+    cross_entropy = F.cross_entropy(
+        logits.transpose(1, 2).float(), targets.clamp(min=0), reduction="none"
+    )
+    correct = (logits.argmax(-1) == targets) & valid
+    parts: dict[str, Metric] = {}
+    total = logits.new_zeros((), dtype=torch.float32)
+    for name, where, weight in (
+        ("m", valid & masked, masked_weight),
+        ("u", valid & ~masked, unmasked_weight),
+    ):
+        count = where.sum(1)
+        summed = (cross_entropy * where).sum(1)
+        if weight > 0:
+            total = total + weight * (summed / count.clamp(min=1)).sum()
+        frames = count.sum()
+        parts[f"loss_{name}"] = metric(summed.sum().detach(), frames, FRAMES)
+        parts[f"acc_{name}"] = metric((correct & where).sum(), frames, FRAMES)
+    return total, parts
+
+
+def build_hubert(config: HubertPretrainConfig, vocab_size: int) -> HubertPretrainModel:
+    """The HuBERT model for a `units` tokenizer of `vocab_size` ids (K clusters + 3)."""
+    return HubertPretrainModel(config, vocab_size - UnitTokenizer.FIRST - 1)
