@@ -252,6 +252,12 @@ def _export(args: argparse.Namespace) -> None:
         args.exp, checkpoint=args.checkpoint, average_last=args.average_last
     )
     out = Path(args.out) if args.out else Path(args.exp) / "export"
+    if args.format == "hf":
+        save = getattr(model, "save_huggingface", None)
+        if save is None:
+            raise EchoicError("--format hf exports a HuBERT model (model.hubert); use onnx")
+        print("wrote " + ", ".join(str(p) for p in save(out)))
+        return
     path = export_model(model, out, args.format)
     written = [path]
     if args.format == "onnx" and not args.no_quantize:
@@ -611,7 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=EXPORT_DESCRIPTION,
     )
     export.add_argument("--exp", required=True)
-    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    export.add_argument(
+        "--format",
+        choices=["onnx", "torchscript", "hf"],
+        required=True,
+        help="hf: a HuBERT model's backbone as a HuggingFace folder (for the ssl frontend)",
+    )
     export.add_argument("--out", help="output folder (default: EXP/export)")
     export.add_argument("--no-quantize", action="store_true", help="ONNX: skip the int8 copy")
     export.add_argument(

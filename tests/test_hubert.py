@@ -28,6 +28,7 @@ from echoic.models.hubert import (
     span_mask,
 )
 from echoic.models.layers import strided_lengths
+from echoic.models.ssl import _normalize
 from echoic.seeding import make_rng
 from echoic.train.config import load_experiment, parse_experiment
 from echoic.train.trainer import Trainer
@@ -290,3 +291,35 @@ def test_a_hubert_run_killed_and_resumed_is_bit_identical(tmp_path, units, caplo
     assert {"loss_m", "loss_u", "acc_m", "acc_u", "th_accuracy"} <= set(lines[0])
     first, last = lines[0]["loss_m"], [r for r in lines if r["split"] == "train"][-1]["loss_m"]
     assert last < first  # it learns
+
+
+def test_export_to_huggingface_loads_in_transformers_and_the_ssl_frontend(tmp_path, units):
+    import transformers
+
+    from echoic.cli import main
+    from echoic.decode.decoder import load_experiment_model
+    from echoic.models.ssl import SslFrontend, SslFrontendConfig
+
+    config = _experiment(tmp_path, units, max_steps=2, valid_every=None)
+    assert Trainer(load_experiment(config), tmp_path / "exp", progress=False).run() == 0
+    assert main(["export", "--exp", str(tmp_path / "exp"), "--format", "hf",
+                 "--out", str(tmp_path / "hf")]) in (0, None)  # fmt: skip
+    model, _, _ = load_experiment_model(tmp_path / "exp")
+    loaded = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
+    batch = _batch([16000, 9001])
+    valid = (torch.arange(16000)[None] < batch.audio_lens[:, None]).long()
+    normalised = _normalize(batch.audio, batch.audio_lens)
+    with torch.no_grad():
+        ours = model.backbone(normalised, attention_mask=valid, output_hidden_states=True)
+        theirs = loaded(normalised, attention_mask=valid, output_hidden_states=True)
+    for a, b in zip(ours.hidden_states, theirs.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # echoic's ssl frontend reads it with no edit: width, frames, normalisation, features
+    frontend = SslFrontend(SslFrontendConfig(str(tmp_path / "hf"), layer=2)).eval()
+    assert frontend.output_dim == TINY_BACKBONE["hidden_size"] and frontend.info.do_normalize
+    with torch.no_grad():
+        feats, lens = frontend(batch)
+    assert lens.tolist() == [unit_frames(16000), unit_frames(9001)]
+    torch.testing.assert_close(
+        feats[1, : lens[1]], ours.hidden_states[2][1, : lens[1]], atol=1e-5, rtol=0
+    )

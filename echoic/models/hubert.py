@@ -24,9 +24,11 @@ out and counted; a difference of one (rounding at the end) is cut.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -274,6 +276,25 @@ class HubertPretrainModel(nn.Module):
 
     def token_indexed_parameters(self) -> list[str]:
         return []  # label embeddings are indexed by cluster, which no tokenizer remaps
+
+    def save_huggingface(self, out: Path) -> list[Path]:
+        """Write the backbone as a HuggingFace folder that `HubertModel.from_pretrained`
+        and echoic's `ssl` frontend load as they are: config.json, model.safetensors and
+        a preprocessor config saying the input is normalised per utterance (as here).
+        The prediction head (projection, cluster embeddings) is pretraining's alone."""
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out, safe_serialization=True)
+        preprocessor = {
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "feature_size": 1,
+            "sampling_rate": self.frontend.sample_rate,
+            "padding_value": 0.0,
+            "padding_side": "right",
+            "do_normalize": True,
+            "return_attention_mask": True,
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1) + "\n")
+        return [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
 
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return strided_lengths(audio_lens, self.frontend.conv_layers)
