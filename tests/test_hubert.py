@@ -323,3 +323,35 @@ def test_export_to_huggingface_loads_in_transformers_and_the_ssl_frontend(tmp_pa
     torch.testing.assert_close(
         feats[1, : lens[1]], ours.hidden_states[2][1, : lens[1]], atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.slow
+def test_the_probe_measures_without_changing_the_run(tmp_path, corpus, lang, units):
+    from echoic.train.plot import plot_curves
+
+    probe = {
+        "every_steps": 3,
+        "train": str(corpus / "train.jsonl"),
+        "dev": str(corpus / "dev.jsonl"),
+        "lang": str(lang),
+        "steps": 5,
+        "hidden": 16,
+    }
+    runs = {}
+    for name, extra in (("off", {}), ("on", {"probe": probe})):
+        config = _experiment(tmp_path / name, units, max_steps=6)
+        raw = yaml.safe_load(config.read_text())
+        config.write_text(yaml.safe_dump({**raw, **extra}))
+        assert Trainer(load_experiment(config), tmp_path / name / "exp", progress=False).run() == 0
+        runs[name] = final_weights(tmp_path / name / "exp")
+    assert all(torch.equal(runs["on"][k], runs["off"][k]) for k in runs["off"])
+    assert deterministic_lines(tmp_path / "on" / "exp") == deterministic_lines(
+        tmp_path / "off" / "exp"
+    )
+    lines = [
+        json.loads(x) for x in (tmp_path / "on" / "exp" / "metrics.jsonl").read_text().splitlines()
+    ]
+    probes = [r for r in lines if r["split"] == "probe"]
+    assert [r["step"] for r in probes] == [0, 3, 6]
+    assert all(r["probe_cer"] >= 0 and r["probe_seconds"] > 0 for r in probes)
+    assert plot_curves(tmp_path / "on" / "exp").is_file()

@@ -296,6 +296,22 @@ class HubertPretrainModel(nn.Module):
         (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1) + "\n")
         return [out / "config.json", out / "model.safetensors", out / "preprocessor_config.json"]
 
+    def probe_features(
+        self, audio: torch.Tensor, audio_lens: torch.Tensor, layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded waveform (B, S), lengths (B,) -> hidden state `layer` (0: the first
+        layer's input; None: the last, after the final layer norm of a pre-LN backbone)
+        without masking, (B, T, H), and frame lengths (B,): what the downstream probe
+        (echoic.train.probe) and fine-tuning through the ssl frontend see."""
+        attention = torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]
+        out = self.backbone(
+            _normalize(audio, audio_lens),
+            attention_mask=attention.long(),
+            output_hidden_states=layer is not None,
+        )
+        hidden = out.last_hidden_state if layer is None else out.hidden_states[layer]
+        return hidden, self.frame_lengths(audio_lens)
+
     def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
         return strided_lengths(audio_lens, self.frontend.conv_layers)
 

@@ -18,6 +18,7 @@ from echoic.errors import ConfigError, EchoicError
 from echoic.models.encoders import subsampling_factor
 from echoic.models.model import ModelConfig
 from echoic.models.ssl import read_upstream
+from echoic.train.probe import ProbeConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +141,8 @@ class ExperimentConfig:
     freeze_mode: Literal["train", "eval"] = "train"
     lr_scale: dict[str, float] = field(default_factory=dict)  # name -> learning-rate factor
     stages: list[StageConfig] = field(default_factory=list)
+    # A live downstream probe of a pretraining run (echoic.train.probe); null: none.
+    probe: ProbeConfig | None = None
 
     def __post_init__(self) -> None:
         for name, scale in self.lr_scale.items():
@@ -168,6 +171,8 @@ class ExperimentConfig:
                 "data.spec_augment masks fbank, and an SSL frontend takes waveform: "
                 "set data.spec_augment: null"
             )
+        if self.probe is not None and self.model.hubert is None:
+            raise ValueError("probe measures a pretraining run: it needs model.hubert")
         if self.model.hubert is not None:
             if self.data.spec_augment is not None:
                 raise ValueError(
@@ -248,8 +253,9 @@ def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, 
             # The schedule runs to min_lr at max_steps: another length changes the rate of
             # every step from here on (and of the steps already taken, in the new run).
             breaking[key] = "which is the cosine schedule's length"
-        elif key not in SAFE_TO_CHANGE and key.split(".")[0] != "init":
-            # (`init` is read when a run starts, never on resume: the checkpoint is.)
+        elif key not in SAFE_TO_CHANGE and key.split(".")[0] not in ("init", "probe"):
+            # (`init` is read when a run starts, never on resume: the checkpoint is; a
+            # `probe` measures the run and never changes it.)
             breaking[key] = _WHY_BREAKING.get(key, "")
     return breaking
 

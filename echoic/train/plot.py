@@ -1,4 +1,5 @@
-"""`echoic plot`: loss, accuracy and learning-rate curves from metrics.jsonl."""
+"""`echoic plot`: loss, accuracy and learning-rate curves from metrics.jsonl, and a
+pretraining run's downstream probe (WER and CER, right-hand axis) on the loss chart."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
                     ha="left",
                     color="grey",
                 )
+        if key == "loss":
+            _draw_probe(axis, records)
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -68,3 +71,17 @@ def _stage_starts(records: list[dict]) -> list[tuple[int, int]]:
             starts.append((previous[0], record["stage"]))
         previous = (record["step"], record["stage"])
     return starts
+
+
+def _draw_probe(axis, records: list[dict]) -> None:
+    """The probe's WER and CER (%) against the step, on a second y axis of `axis`."""
+    points = [r for r in records if r["split"] == "probe" and "probe_wer" in r]
+    if not points:
+        return
+    right = axis.twinx()
+    steps = [r["step"] for r in points]
+    for key, style in (("probe_wer", "s--"), ("probe_cer", "^--")):
+        right.plot(steps, [100 * r[key] for r in points], style, color="tab:red",
+                   markersize=4, alpha=0.8 if key == "probe_wer" else 0.5, label=key)  # fmt: skip
+    right.set_ylabel("probe error rate (%)", color="tab:red")
+    right.legend(loc="upper center", fontsize=7)

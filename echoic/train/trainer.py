@@ -68,6 +68,7 @@ from echoic.train.distributed import (
 )
 from echoic.train.faults import PausePoint, StopRequest, is_out_of_memory
 from echoic.train.metrics import MetricsLog, MetricSums
+from echoic.train.probe import Probe
 from echoic.train.schedule import learning_rate
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,9 @@ class Trainer:
         if state is not None and state["version"] == 1:
             state = _upgrade_state_v1(state, self.metric_units)
         self.input_spec = model.input_spec
+        self.probe: Probe | None = None  # loaded at its first use
+        if self.config.probe is not None and not hasattr(model, "probe_features"):
+            raise ConfigError("probe: this model has no features to probe (probe_features)")
         # Two encoder frames at least: the subsampling front needs min_input_frames for
         # one, and BatchNorm in training refuses a one-utterance batch of one frame.
         self._min_frames = model.encoder.subsampling.input_frames_for(2)
@@ -469,6 +473,9 @@ class Trainer:
         self.bar = bar
         self._train_mode()
         self._advance_stages()  # a run resumed at a stage's last step enters the next
+        probe = self.config.probe
+        if probe is not None and probe.at_start and self.step == 0:
+            self._run_probe()
         try:
             while not self._finished():
                 sampler = self.train_loader.sampler
@@ -711,6 +718,9 @@ class Trainer:
         ):
             self._validate()
             validated = True
+        probe = self.config.probe
+        if probe is not None and self.step % probe.every_steps == 0:
+            self._run_probe()  # before a checkpoint, so that a resume keeps its line
         due = (train.save_every_steps and self.step % train.save_every_steps == 0) or (
             train.save_every_minutes is not None
             and time.perf_counter() - self.last_save > 60 * train.save_every_minutes
@@ -819,6 +829,27 @@ class Trainer:
             self.step,
             ", ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None),
         )
+
+    def _run_probe(self) -> None:
+        """The downstream probe (echoic.train.probe) on the main process; the others
+        wait at a barrier."""
+        rt = self.runtime
+        if rt.is_main:
+            if self.probe is None:
+                self.probe = Probe(self.config.probe, self.input_spec.sample_rate)
+            values = self.probe.run(unwrap(self.model), rt.device)
+            self._train_mode()  # the stage's own modes (freeze_mode: eval) restored
+            self.metrics_log.write({"split": "probe", "step": self.step, **values})
+            log.info(
+                "probe at step %d: WER %.2f%%, CER %.2f%% (head loss %.3f, %.1f s)",
+                self.step,
+                100 * values["probe_wer"],
+                100 * values["probe_cer"],
+                values["probe_train_loss"],
+                values["probe_seconds"],
+            )
+        if rt.distributed:
+            torch.distributed.barrier()
 
     def _save(self, snapshot: dict[str, Any], reason: str) -> None:
         rt = self.runtime
