@@ -355,3 +355,16 @@ def test_the_probe_measures_without_changing_the_run(tmp_path, corpus, lang, uni
     assert [r["step"] for r in probes] == [0, 3, 6]
     assert all(r["probe_cer"] >= 0 and r["probe_seconds"] > 0 for r in probes)
     assert plot_curves(tmp_path / "on" / "exp").is_file()
+
+
+def test_a_stop_request_ends_the_probe_at_once(corpus, lang):
+    from echoic.train.probe import Probe, ProbeConfig
+
+    dev = str(corpus / "dev.jsonl")
+    config = ProbeConfig(every_steps=1, train=dev, dev=dev, lang=str(lang), steps=3, hidden=8)
+    probe = Probe(config, 16000)
+    model = _model()
+    assert probe.run(model, torch.device("cpu"), should_stop=lambda: True) is None
+    assert model.training  # left as it was
+    values = probe.run(model, torch.device("cpu"))
+    assert set(values) == {"probe_wer", "probe_cer", "probe_train_loss", "probe_seconds"}

@@ -3,8 +3,8 @@ measured while pretraining runs.
 
 Every `every_steps` optimizer steps (and at step 0 of a new run), the model's features
 (`model.probe_features`: a HuBERT model's hidden state, no masking, eval mode, no
-gradient) are computed for a fixed labelled subset, a small CTC head (a BiLSTM and a
-linear layer, or a linear layer alone) is trained on them for a fixed number of steps,
+gradient) are computed for a fixed labelled subset, a small CTC head (two 1-D convolutions
+and a linear layer, or a linear layer alone) is trained on them for a fixed number of steps,
 and greedy CTC on a fixed dev subset gives `probe_wer` and `probe_cer`. They are written
 to metrics.jsonl (split "probe") and TensorBoard next to the losses, and `echoic plot`
 draws them on the loss chart.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class ProbeConfig:
     lr: float = 0.003
     max_frames: int = 20000  # feature frames per head batch (batch x longest)
     layer: int | None = None  # hidden state probed; None: the last
-    hidden: int = 128  # BiLSTM cells per direction; 0: a linear head
+    hidden: int = 128  # channels of the head's two convolutions; 0: a linear head
     seed: int = 0
     at_start: bool = True  # also probe the initial weights (step 0) of a new run
 
@@ -61,23 +62,27 @@ class ProbeConfig:
 
 
 class ProbeHead(nn.Module):
+    """Two 1-D convolutions (kernel 5, GELU) and a linear layer to the vocabulary, or the
+    linear layer alone. Convolutions, not an LSTM: on CPU a BiLSTM of 96 cells took 1.3 s
+    per 20,000-frame batch here, ten times these convolutions, and the probe has to fit
+    between pretraining steps."""
+
     def __init__(self, input_dim: int, vocab_size: int, hidden: int) -> None:
         super().__init__()
-        self.lstm = (
-            nn.LSTM(input_dim, hidden, batch_first=True, bidirectional=True) if hidden else None
-        )
-        self.output = nn.Linear(2 * hidden if hidden else input_dim, vocab_size)
+        self.convs = nn.ModuleList()
+        width = input_dim
+        for _ in range(2 if hidden else 0):
+            self.convs.append(nn.Conv1d(width, hidden, kernel_size=5, padding=2))
+            width = hidden
+        self.output = nn.Linear(width, vocab_size)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, T, D), (B,) -> (B, T, V) CTC log-probabilities."""
-        if self.lstm is not None:
-            packed = nn.utils.rnn.pack_padded_sequence(
-                feats, lengths.cpu(), batch_first=True, enforce_sorted=False
-            )
-            feats, _ = nn.utils.rnn.pad_packed_sequence(
-                self.lstm(packed)[0], batch_first=True, total_length=feats.shape[1]
-            )
-        return self.output(feats).log_softmax(-1)
+        valid = torch.arange(feats.shape[1], device=feats.device)[None] < lengths[:, None]
+        x = feats.transpose(1, 2)
+        for conv in self.convs:  # padding zeroed before each, so it never leaks in
+            x = F.gelu(conv(x * valid[:, None]))
+        return self.output(x.transpose(1, 2)).log_softmax(-1)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Probe:
     def __init__(self, config: ProbeConfig, sample_rate: int) -> None:
         self.config = config
         self.tokenizer: Tokenizer = load_tokenizer(Path(config.lang) / "tokenizer.json")
+        self.should_stop: Callable[[], bool] = lambda: False
         self.train = self._load(config.train, sample_rate)
         self.dev = self._load(config.dev, sample_rate)
         log.info(
@@ -134,7 +140,21 @@ class Probe:
             log.warning("probe: %d utterances of %s skipped", skipped, path)
         return split
 
-    def run(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+    def run(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> dict[str, float] | None:
+        """The probe's metrics for the model as it is; None when `should_stop` turned
+        True on the way (a stop request: the run's checkpoint must not wait for it)."""
+        self.should_stop = should_stop
+        try:
+            return self._run(model, device)
+        except _Stopped:
+            return None
+
+    def _run(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         started = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -165,6 +185,8 @@ class Probe:
         budget = 16000 * 60  # samples per batch
         start = 0
         while start < len(order):
+            if self.should_stop():
+                raise _Stopped
             end = start + 1
             while end < len(order) and len(split.audio[order[end]]) * (end - start + 1) <= budget:
                 end += 1
@@ -202,6 +224,8 @@ class Probe:
         steps, epoch, losses = 0, 0, []
         while steps < config.steps:
             for batch in self._batches(feats, epoch):
+                if self.should_stop():
+                    raise _Stopped
                 x, lengths = _pad([feats[i] for i in batch])
                 targets = [torch.tensor(self.train.tokens[i]) for i in batch]
                 target_lens = torch.tensor([len(t) for t in targets])
@@ -240,6 +264,10 @@ class Probe:
                 tokens = [t for k, t in enumerate(path) if t and (k == 0 or path[k - 1] != t)]
                 hyps[self.dev.ids[start + row]] = self.tokenizer.decode(tokens)
         return hyps
+
+
+class _Stopped(Exception):
+    """A stop request arrived during the probe."""
 
 
 def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -837,17 +837,22 @@ class Trainer:
         if rt.is_main:
             if self.probe is None:
                 self.probe = Probe(self.config.probe, self.input_spec.sample_rate)
-            values = self.probe.run(unwrap(self.model), rt.device)
-            self._train_mode()  # the stage's own modes (freeze_mode: eval) restored
-            self.metrics_log.write({"split": "probe", "step": self.step, **values})
-            log.info(
-                "probe at step %d: WER %.2f%%, CER %.2f%% (head loss %.3f, %.1f s)",
-                self.step,
-                100 * values["probe_wer"],
-                100 * values["probe_cer"],
-                values["probe_train_loss"],
-                values["probe_seconds"],
+            values = self.probe.run(
+                unwrap(self.model), rt.device, lambda: self.stop.requested is not None
             )
+            self._train_mode()  # the stage's own modes (freeze_mode: eval) restored
+            if values is None:
+                log.warning("probe at step %d left out: a stop request came first", self.step)
+            else:
+                self.metrics_log.write({"split": "probe", "step": self.step, **values})
+                log.info(
+                    "probe at step %d: WER %.2f%%, CER %.2f%% (head loss %.3f, %.1f s)",
+                    self.step,
+                    100 * values["probe_wer"],
+                    100 * values["probe_cer"],
+                    values["probe_train_loss"],
+                    values["probe_seconds"],
+                )
         if rt.distributed:
             torch.distributed.barrier()
 
