@@ -115,6 +115,8 @@ def _kmeans(args: argparse.Namespace) -> None:
         max_sample_frames=args.max_sample_frames,
         backend=args.backend,
         jobs=args.jobs or os.cpu_count() or 1,
+        align_exp=args.align_exp,
+        align_max_utts=args.align_max_utts,
     )
     report = result.report
     print(
@@ -130,6 +132,13 @@ def _kmeans(args: argparse.Namespace) -> None:
             f"label perplexity {stats['perplexity']:.1f} (uniform {report['k']}), largest "
             f"cluster {100 * stats['largest_cluster_share']:.1f}%"
         )
+        agreement = stats.get("agreement")
+        if agreement:
+            print(
+                f"    against characters ({agreement['utterances']} utterances aligned): cluster "
+                f"purity {agreement['cluster_purity']:.3f}, character purity "
+                f"{agreement['char_purity']:.3f}, char-NMI {agreement['char_nmi']:.3f}"
+            )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -517,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     kmeans.add_argument("--max-sample-frames", type=int, default=300_000)
     kmeans.add_argument("--backend", choices=["sklearn", "faiss"], default="sklearn")
     kmeans.add_argument("--jobs", type=int, default=None, help="processes (default: all cores)")
+    kmeans.add_argument(
+        "--align-exp",
+        help="a CTC model's experiment folder: also report how the labels agree with the "
+        "characters of each manifest (forced alignment of its transcripts)",
+    )
+    kmeans.add_argument("--align-max-utts", type=int, default=300, help="utterances aligned")
     kmeans.set_defaults(run=_kmeans)
 
     train = commands.add_parser(

@@ -368,3 +368,28 @@ def test_a_stop_request_ends_the_probe_at_once(corpus, lang):
     assert model.training  # left as it was
     values = probe.run(model, torch.device("cpu"))
     assert set(values) == {"probe_wer", "probe_cer", "probe_train_loss", "probe_seconds"}
+
+
+def test_ctc_forced_alignment_finds_the_obvious_path():
+    from echoic.decode.align import ctc_forced_align
+
+    # 6 frames, vocabulary {blank, a=1, b=2}: frames say a a _ a b b
+    best = [1, 1, 0, 1, 2, 2]
+    log_probs = torch.full((6, 3), -5.0)
+    log_probs[torch.arange(6), torch.tensor(best)] = -0.01
+    assert ctc_forced_align(log_probs, [1, 1, 2]) == [0, 0, -1, 1, 2, 2]
+    # a repeated token needs a blank between: 2 frames cannot hold "a a"
+    assert ctc_forced_align(log_probs[:2], [1, 1]) == []
+    assert ctc_forced_align(log_probs[:3], [1]) in ([0, 0, -1], [0, 0, 0])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained")
+def test_kmeans_reports_agreement_with_the_characters(tmp_path, trained):
+    exp, manifest = trained("hybrid")
+    result = kmeans_units([manifest], tmp_path / "units", k=8, sample_fraction=1.0,
+                          align_exp=exp, align_max_utts=5)  # fmt: skip
+    agreement = result.report["manifests"][manifest.name]["agreement"]
+    assert agreement["utterances"] == 5
+    assert agreement["majority_char_share"] <= agreement["cluster_purity"] <= 1
+    assert 0 < agreement["char_purity"] <= 1 and 0 < agreement["char_nmi"] < 1

@@ -17,7 +17,8 @@ The output folder is a `data.lang` folder and its manifests are training manifes
 their labels as space-separated integers, and `tokenizer.json` of kind `units` (the
 K cluster ids). `report.json` says whether the targets mean anything before compute is
 spent on them: cluster usage, label perplexity, and with `--align-exp` (a CTC model of
-the same audio), cluster purity and mutual information with the characters.
+the same audio), cluster purity, character purity and character-normalised mutual
+information (`unit_agreement`).
 """
 
 from __future__ import annotations
@@ -254,6 +255,94 @@ def label_statistics(labels: Sequence[np.ndarray], k: int) -> dict:
     }
 
 
+def unit_agreement(
+    labelled: Sequence[tuple[Utterance, np.ndarray]], align_exp: str | Path, max_utts: int = 300
+) -> dict:
+    """How well cluster labels agree with the characters spoken: each unit frame gets
+    the character whose stretch it lies in (from a CTC forced alignment of the
+    transcript by the model in `align_exp`: a token's stretch runs from its first frame
+    to the next token's; frames before the first and after the last are silence), then
+    cluster purity (each cluster's most common character), character purity (each
+    character's most common cluster) and character-normalised mutual information
+    I(char; cluster) / H(char), HuBERT's "PNMI" with characters for phones."""
+    import torch
+
+    from echoic.data.dataset import Batch
+    from echoic.decode.align import ctc_forced_align
+    from echoic.decode.decoder import load_experiment_model
+
+    model, tokenizer, _ = load_experiment_model(align_exp)
+    if getattr(model, "ctc", None) is None:
+        raise EchoicError(f"--align-exp {align_exp}: the model has no CTC head to align with")
+    shift = model.frontend.frame_shift * getattr(model.encoder.subsampling, "factor", 1)
+    pairs: dict[tuple[str, int], int] = {}
+    aligned = 0
+    for utterance, labels in sorted(labelled, key=lambda item: item[0].id)[:max_utts]:
+        tokens = tokenizer.encode(utterance.text)
+        try:
+            samples = load_audio(
+                utterance.audio,
+                sample_rate=model.input_spec.sample_rate,
+                offset=utterance.offset,
+                duration=utterance.duration or None,
+            )
+        except AudioError:
+            continue
+        inputs = model.frontend.inputs_from_samples(torch.from_numpy(samples))[None]
+        size = torch.tensor([inputs.shape[1]])
+        waveform = model.input_spec.kind == "waveform"
+        batch = Batch(
+            epoch=0, index=0, ids=[utterance.id], texts=[utterance.text],
+            durations=[len(samples) / SAMPLE_RATE], tokens=None, token_lens=None,
+            feats=None if waveform else inputs, feat_lens=None if waveform else size,
+            audio=inputs if waveform else None, audio_lens=size if waveform else None,
+        )  # fmt: skip
+        with torch.inference_mode():
+            encoded, lens = model.encode(batch)
+            log_probs = model.ctc.log_probs(encoded)[0, : int(lens[0])]
+        path = ctc_forced_align(log_probs, tokens, tokenizer.blank_id)
+        if not tokens or not path:
+            continue
+        aligned += 1
+        first = {}
+        for frame, index in enumerate(path):
+            if index >= 0 and index not in first:
+                first[index] = frame
+        last_emit = max(f for f, index in enumerate(path) if index >= 0)
+        starts = [first[i] for i in range(len(tokens))]
+        for i, cluster in enumerate(labels.tolist()):
+            frame = int((i * UNIT_SHIFT_MS + UNIT_WINDOW_MS / 2) / 1000 / shift)
+            if frame < starts[0] or frame > last_emit:
+                char = "<sil>"
+            else:
+                index = int(np.searchsorted(starts, frame, side="right")) - 1
+                char = tokenizer.tokens[tokens[index]]
+            pairs[(char, cluster)] = pairs.get((char, cluster), 0) + 1
+    if not pairs:
+        raise EchoicError(f"--align-exp {align_exp}: no utterance could be aligned")
+    chars = sorted({c for c, _ in pairs})
+    clusters = sorted({k for _, k in pairs})
+    joint = np.zeros((len(chars), len(clusters)))
+    for (c, k), n in pairs.items():
+        joint[chars.index(c), clusters.index(k)] = n
+    joint /= joint.sum()
+    p_char, p_cluster = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = float(
+        (joint[nonzero] * np.log(joint[nonzero] / np.outer(p_char, p_cluster)[nonzero])).sum()
+    )
+    entropy = float(-(p_char[p_char > 0] * np.log(p_char[p_char > 0])).sum())
+    return {
+        "align_exp": str(align_exp),
+        "utterances": aligned,
+        "characters": len(chars),
+        "cluster_purity": float(joint.max(0).sum()),
+        "char_purity": float(joint.max(1).sum()),
+        "char_nmi": mutual / entropy if entropy else 0.0,
+        "majority_char_share": float(p_char.max()),  # purity of one cluster for all
+    }
+
+
 @dataclass
 class KmeansResult:
     centroids: np.ndarray
@@ -272,6 +361,8 @@ def kmeans_units(
     max_sample_frames: int = 300_000,
     backend: Backend = "sklearn",
     jobs: int = 1,
+    align_exp: str | Path | None = None,
+    align_max_utts: int = 300,
 ) -> KmeansResult:
     """Fit k-means on a sample of the first manifest's frames and label every manifest
     (see the module docstring for what is written to `out`)."""
@@ -332,6 +423,8 @@ def kmeans_units(
             stats = label_statistics([labels for _, labels in labelled], k)
             stats["utterances"] = len(labelled)
             stats["skipped"] = skipped
+            if align_exp is not None:
+                stats["agreement"] = unit_agreement(labelled, align_exp, align_max_utts)
             report["manifests"][name] = stats
     finally:
         _EXTRACTOR = _CENTROIDS = None
