@@ -39,26 +39,20 @@ stamp "iteration 1 pretraining"
 $E train recipes/synth_hubert/conf/pretrain_it1.yaml --exp exp/hubert_it1
 [ -f exp/hubert_it1/hf/config.json ] || $E export --exp exp/hubert_it1 --format hf --out exp/hubert_it1/hf
 
-stamp "iteration 2 targets: k-means of iteration 1's layer 3"
-[ -f $D/km_it2/report.json ] || $E kmeans --manifest $CORPUS/train.jsonl \
-  --manifest $CORPUS/dev.jsonl --features ssl:exp/hubert_it1/hf:3 --k 200 --out $D/km_it2
-stamp "iteration 2 pretraining"
-$E train recipes/synth_hubert/conf/pretrain_it2.yaml --exp exp/hubert_it2
-[ -f exp/hubert_it2/hf/config.json ] || $E export --exp exp/hubert_it2 --format hf --out exp/hubert_it2/hf
-
 stamp "the same architecture, randomly initialised (no step taken)"
 $E train recipes/synth_hubert/conf/pretrain_it1.yaml --exp exp/hubert_random \
   --set train.max_steps=0 --set probe=null
 [ -f exp/hubert_random/hf/config.json ] || $E export --exp exp/hubert_random --format hf --out exp/hubert_random/hf
 
-stamp "fine-tuning: pretrained, random, and an fbank Conformer"
-$E train recipes/synth_hubert/conf/finetune.yaml --exp exp/hubert_ft
+stamp "fine-tuning: iteration 1, random, and an fbank Conformer"
+$E train recipes/synth_hubert/conf/finetune.yaml --exp exp/hubert_ft_it1 \
+  --set model.frontend.ssl.path=exp/hubert_it1/hf
 $E train recipes/synth_hubert/conf/finetune.yaml --exp exp/hubert_ft_random \
   --set model.frontend.ssl.path=exp/hubert_random/hf
 $E train recipes/synth_hubert/conf/fbank_baseline.yaml --exp exp/hubert_fbank
 
-stamp decode
-for exp in exp/hubert_ft exp/hubert_ft_random exp/hubert_fbank; do
+decode() {
+  local exp=$1
   for split in test test_open; do
     out=$exp/decode_$split
     [ -f $out/hyp.jsonl ] || $E decode --exp $exp --manifest $CORPUS/$split.jsonl \
@@ -66,7 +60,20 @@ for exp in exp/hubert_ft exp/hubert_ft_random exp/hubert_fbank; do
     $E score --ref $CORPUS/$split.jsonl --hyp $out/hyp.jsonl --by-speaker $CORPUS/train.jsonl \
       > $out/score.txt
   done
-done
+}
+stamp decode
+for exp in exp/hubert_ft_it1 exp/hubert_ft_random exp/hubert_fbank; do decode $exp; done
+
+stamp "iteration 2 targets: k-means of iteration 1's layer 3"
+[ -f $D/km_it2/report.json ] || $E kmeans --manifest $CORPUS/train.jsonl \
+  --manifest $CORPUS/dev.jsonl --features ssl:exp/hubert_it1/hf:3 --k 200 --out $D/km_it2
+stamp "iteration 2 pretraining"
+$E train recipes/synth_hubert/conf/pretrain_it2.yaml --exp exp/hubert_it2
+[ -f exp/hubert_it2/hf/config.json ] || $E export --exp exp/hubert_it2 --format hf --out exp/hubert_it2/hf
+
+stamp "fine-tuning iteration 2"
+$E train recipes/synth_hubert/conf/finetune.yaml --exp exp/hubert_ft_it2
+decode exp/hubert_ft_it2
 $E plot --exp exp/hubert_it1 --out exp/hubert_it1/curves.png
 $E plot --exp exp/hubert_it2 --out exp/hubert_it2/curves.png
 stamp done
