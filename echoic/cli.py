@@ -117,6 +117,7 @@ def _kmeans(args: argparse.Namespace) -> None:
         jobs=args.jobs or os.cpu_count() or 1,
         align_exp=args.align_exp,
         align_max_utts=args.align_max_utts,
+        progress=not args.no_progress,
     )
     report = result.report
     print(
@@ -532,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "characters of each manifest (forced alignment of its transcripts)",
     )
     kmeans.add_argument("--align-max-utts", type=int, default=300, help="utterances aligned")
+    kmeans.add_argument("--no-progress", action="store_true", help="no progress bar")
     kmeans.set_defaults(run=_kmeans)
 
     train = commands.add_parser(

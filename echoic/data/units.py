@@ -34,6 +34,7 @@ from typing import Literal
 
 import kaldi_native_fbank as knf
 import numpy as np
+from tqdm import tqdm
 
 from echoic.data.audio import load_audio
 from echoic.data.features import INT16_SCALE
@@ -363,6 +364,7 @@ def kmeans_units(
     jobs: int = 1,
     align_exp: str | Path | None = None,
     align_max_utts: int = 300,
+    progress: bool = False,
 ) -> KmeansResult:
     """Fit k-means on a sample of the first manifest's frames and label every manifest
     (see the module docstring for what is written to `out`)."""
@@ -402,7 +404,7 @@ def kmeans_units(
         }
         written = []
         for manifest, name in zip(read, names, strict=True):
-            labelled, skipped = _label_manifest(manifest, jobs)
+            labelled, skipped = _label_manifest(manifest, jobs, progress)
             path = out / name
             write_manifest(
                 path,
@@ -459,12 +461,18 @@ def _sample_frames(
     return sample
 
 
-def _label_manifest(manifest: Manifest, jobs: int) -> tuple[list, dict[str, int]]:
+def _label_manifest(
+    manifest: Manifest, jobs: int, progress: bool = False
+) -> tuple[list, dict[str, int]]:
     """-> [(utterance, labels)] for the readable ones, skip counts by reason."""
     utterances = manifest.utterances
     labelled, skipped = [], {}
     by_id = {u.id: u for u in utterances}
-    for chunk in fork_map(_labels_chunk, _items(utterances), jobs, name="kmeans labels"):
+    chunks = fork_map(_labels_chunk, _items(utterances), jobs, name="kmeans labels")
+    bar = tqdm(total=len(utterances), unit="utt", desc=f"labels {Path(manifest.path).name}",
+               disable=not progress)  # fmt: skip
+    for chunk in chunks:
+        bar.update(len(chunk))
         for utt_id, labels, reason in chunk:
             if labels is None:
                 key = reason.split(":", 1)[0]
@@ -472,4 +480,5 @@ def _label_manifest(manifest: Manifest, jobs: int) -> tuple[list, dict[str, int]
                 log.warning("%s: %s skipped (%s)", manifest.path, utt_id, reason)
                 continue
             labelled.append((by_id[utt_id], labels))
+    bar.close()
     return labelled, skipped
