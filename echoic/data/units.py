@@ -268,9 +268,9 @@ def unit_agreement(
     I(char; cluster) / H(char), HuBERT's "PNMI" with characters for phones."""
     import torch
 
-    from echoic.data.dataset import Batch
     from echoic.decode.align import ctc_forced_align
     from echoic.decode.decoder import load_experiment_model
+    from echoic.decode.transcribe import inputs_batch
 
     model, tokenizer, _ = load_experiment_model(align_exp)
     if getattr(model, "ctc", None) is None:
@@ -289,15 +289,9 @@ def unit_agreement(
             )
         except AudioError:
             continue
-        inputs = model.frontend.inputs_from_samples(torch.from_numpy(samples))[None]
-        size = torch.tensor([inputs.shape[1]])
-        waveform = model.input_spec.kind == "waveform"
-        batch = Batch(
-            epoch=0, index=0, ids=[utterance.id], texts=[utterance.text],
-            durations=[len(samples) / SAMPLE_RATE], tokens=None, token_lens=None,
-            feats=None if waveform else inputs, feat_lens=None if waveform else size,
-            audio=inputs if waveform else None, audio_lens=size if waveform else None,
-        )  # fmt: skip
+        inputs = model.frontend.inputs_from_samples(torch.from_numpy(samples))
+        seconds = len(samples) / model.input_spec.sample_rate
+        batch = inputs_batch(model, [utterance.id], [inputs], [seconds])
         with torch.inference_mode():
             encoded, lens = model.encode(batch)
             log_probs = model.ctc.log_probs(encoded)[0, : int(lens[0])]

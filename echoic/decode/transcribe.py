@@ -135,7 +135,9 @@ class Transcriber:
             if model.frontend.num_frames(samples.shape[0]) < model.encoder.min_input_frames:
                 raise EchoicError(f"{path}: {duration:.2f} s is too short to transcribe")
             inputs = _inputs(model, samples)
-            (best,) = decode_batch(model, _batch(model, [str(path)], [inputs], [duration]), options)
+            (best,) = decode_batch(
+                model, inputs_batch(model, [str(path)], [inputs], [duration]), options
+            )
             text = tokenizer.decode(best.tokens)
             return Transcript(str(path), text, [TimedText(0.0, duration, text)])
         tokens = _decode_spans(model, samples, spans, options, str(path))
@@ -153,9 +155,11 @@ def _inputs(model: EncoderModel, samples: np.ndarray) -> torch.Tensor:
     return model.frontend.inputs_from_samples(torch.from_numpy(samples))
 
 
-def _batch(
+def inputs_batch(
     model: EncoderModel, ids: list[str], inputs: list[torch.Tensor], durations: list[float]
 ) -> Batch:
+    """A padded batch of utterances' frontend inputs (`model.frontend.inputs_from_samples`),
+    for decoding audio that does not come from a manifest."""
     padded = pad_sequence(inputs, batch_first=True)
     lengths = torch.tensor([f.shape[0] for f in inputs])
     waveform = model.input_spec.kind == "waveform"
@@ -206,7 +210,7 @@ def _decode_spans(
         if following is None or (len(batch) + 1) * frames[following] > MAX_BATCH_FRAMES:
             ids = [f"{path}@{spans[j][0]:.2f}" for j in batch]
             durations = [spans[j][1] - spans[j][0] for j in batch]
-            inputs = _batch(model, ids, [feats[j] for j in batch], durations)
+            inputs = inputs_batch(model, ids, [feats[j] for j in batch], durations)
             best = decode_batch(model, inputs, options)
             for j, hypothesis in zip(batch, best):
                 results[j] = hypothesis.tokens

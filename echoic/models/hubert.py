@@ -175,15 +175,9 @@ class _Waveform(nn.Module):
 class _FramesIdentity:
     """What the trainer asks of an encoder's subsampling: frames in = frames out."""
 
-    min_input_frames = 1
-
     @staticmethod
     def input_frames_for(frames: int) -> int:
         return frames
-
-    @staticmethod
-    def output_lengths(lengths):
-        return lengths
 
 
 class _EncoderView:
@@ -303,17 +297,16 @@ class HubertPretrainModel(nn.Module):
         layer's input; None: the last, after the final layer norm of a pre-LN backbone)
         without masking, (B, T, H), and frame lengths (B,): what the downstream probe
         (echoic.train.probe) and fine-tuning through the ssl frontend see."""
-        attention = torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]
-        out = self.backbone(
-            _normalize(audio, audio_lens),
-            attention_mask=attention.long(),
-            output_hidden_states=layer is not None,
-        )
+        out = self._backbone(audio, audio_lens, output_hidden_states=layer is not None)
         hidden = out.last_hidden_state if layer is None else out.hidden_states[layer]
-        return hidden, self.frame_lengths(audio_lens)
+        return hidden, self.frontend.num_frames(audio_lens)
 
-    def frame_lengths(self, audio_lens: torch.Tensor) -> torch.Tensor:
-        return strided_lengths(audio_lens, self.frontend.conv_layers)
+    def _backbone(self, audio: torch.Tensor, audio_lens: torch.Tensor, **options):
+        """The backbone on per-utterance normalised waveform, padding masked out."""
+        attention = torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]
+        return self.backbone(
+            _normalize(audio, audio_lens), attention_mask=attention.long(), **options
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, H) last hidden states -> (B, T, K) cosine logits over the clusters."""
@@ -323,7 +316,7 @@ class HubertPretrainModel(nn.Module):
 
     def forward(self, batch: Batch) -> StepOutput:
         audio, audio_lens = batch.audio, batch.audio_lens
-        frame_lens = self.frame_lengths(audio_lens)
+        frame_lens = self.frontend.num_frames(audio_lens)
         labels = batch.tokens - UnitTokenizer.FIRST  # padding (IGNORE_ID) goes negative
         dropped = {
             row: LABEL_MISMATCH
@@ -337,12 +330,7 @@ class HubertPretrainModel(nn.Module):
         frames = int(frame_lens.max())
         masked = span_mask(lengths.tolist(), self.config.mask_prob, self.config.mask_length, rngs)
         masked = F.pad(masked, (0, frames - masked.shape[1])).to(audio.device)
-        attention = torch.arange(audio.shape[1], device=audio.device)[None] < audio_lens[:, None]
-        hidden = self.backbone(
-            _normalize(audio, audio_lens),
-            attention_mask=attention.long(),
-            mask_time_indices=masked,
-        ).last_hidden_state
+        hidden = self._backbone(audio, audio_lens, mask_time_indices=masked).last_hidden_state
         logits = self.logits(hidden)
         valid = torch.arange(frames, device=audio.device)[None] < lengths[:, None]
         if dropped and len(dropped) < len(batch.ids):

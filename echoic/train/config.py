@@ -166,24 +166,22 @@ class ExperimentConfig:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 on CPU")
         if self.optim.scheduler == "cosine" and self.train.max_steps is None:
             raise ValueError("optim.scheduler cosine needs train.max_steps (its length)")
-        if self.model.frontend.ssl is not None and self.data.spec_augment is not None:
+        waveform_model = (
+            "an SSL frontend" if self.model.frontend.ssl is not None
+            else "hubert (which masks its own frames)" if self.model.hubert is not None
+            else None
+        )  # fmt: skip
+        if waveform_model is not None and self.data.spec_augment is not None:
             raise ValueError(
-                "data.spec_augment masks fbank, and an SSL frontend takes waveform: "
+                f"data.spec_augment masks fbank, and {waveform_model} takes waveform: "
                 "set data.spec_augment: null"
             )
         if self.probe is not None and self.model.hubert is None:
             raise ValueError("probe measures a pretraining run: it needs model.hubert")
-        if self.model.hubert is not None:
-            if self.data.spec_augment is not None:
-                raise ValueError(
-                    "data.spec_augment masks fbank, and hubert takes waveform (and masks "
-                    "its own frames): set data.spec_augment: null"
-                )
-            if self.data.speed_perturb != [1.0]:
-                raise ValueError(
-                    "hubert's labels are aligned to the audio as it is: set "
-                    "data.speed_perturb: [1.0]"
-                )
+        if self.model.hubert is not None and self.data.speed_perturb != [1.0]:
+            raise ValueError(
+                "hubert's labels are aligned to the audio as it is: set data.speed_perturb: [1.0]"
+            )
         paraformer = self.model.paraformer
         biased = paraformer is not None and paraformer.bias is not None
         if biased and self.data.hotwords is None:

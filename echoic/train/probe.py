@@ -34,6 +34,7 @@ from torch import nn
 from echoic.data.audio import load_audio
 from echoic.data.manifest import read_manifest
 from echoic.data.tokenizer import Tokenizer, load_tokenizer
+from echoic.decode.search import ctc_greedy
 from echoic.errors import AudioError, EchoicError
 from echoic.score import score_texts
 
@@ -258,11 +259,10 @@ class Probe:
         for start in range(0, len(feats), 16):
             chunk = feats[start : start + 16]
             x, lengths = _pad(chunk)
-            best = head(x.to(device), lengths.to(device)).argmax(-1).cpu()
-            for row, length in enumerate(lengths.tolist()):
-                path = best[row, :length].tolist()
-                tokens = [t for k, t in enumerate(path) if t and (k == 0 or path[k - 1] != t)]
-                hyps[self.dev.ids[start + row]] = self.tokenizer.decode(tokens)
+            log_probs = head(x.to(device), lengths.to(device)).cpu()
+            best = ctc_greedy(log_probs, lengths, self.tokenizer.blank_id)
+            for row, (hypothesis,) in enumerate(best):
+                hyps[self.dev.ids[start + row]] = self.tokenizer.decode(hypothesis.tokens)
         return hyps
 
 
