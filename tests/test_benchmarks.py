@@ -88,6 +88,8 @@ def test_encoder_wenet_rows_set_use_sdpa(tmp_path, monkeypatch, row, use_sdpa):
     (tmp_path / "wenet_import.py").write_text(FAKE_ANCHOR)
     monkeypatch.setattr(sys, "path", list(sys.path))  # build() prepends the anchors folder
     monkeypatch.delitem(sys.modules, "wenet_import", raising=False)
-    args = argparse.Namespace(impl=row, anchors=str(tmp_path), wenet_root=str(tmp_path))
-    assert bench.build(args).use_sdpa is use_sdpa
+    args = argparse.Namespace(anchors=str(tmp_path), wenet_root=str(tmp_path))
+    assert bench.build(row, args).use_sdpa is use_sdpa
     assert row in bench.SDPA_MODES["both"]
+    assert bench.split_row(row + "_bf16") == (row, "bf16")
+    assert bench.split_row(row) == (row, "fp32")

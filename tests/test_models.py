@@ -18,7 +18,13 @@ from echoic.models.encoders import (
     TransformerConfig,
 )
 from echoic.models.heads.ctc import CtcHead
-from echoic.models.layers import Dropout, MultiHeadAttention, RelativePositions
+from echoic.models.layers import (
+    Dropout,
+    Linear,
+    MultiHeadAttention,
+    RelativePositions,
+    strided_conv2d,
+)
 from echoic.models.model import ModelConfig, build_model
 
 VOCAB = 12
@@ -400,3 +406,53 @@ def test_subsampling_auto_follows_the_frontends_frame_shift():
     assert ssl.subsampling.input_frames_for(2) == 5 and ssl.min_input_frames == 3
     with pytest.raises(ConfigError, match="subsampling_channels sets the conv2d front"):
         Encoder(ConformerConfig(**TINY, subsampling_channels=16), 768, frame_shift=0.02)
+
+
+def _outputs_and_grads(module, forwards, inputs):
+    """For each forward: its output and the gradients of the inputs and of `module`'s
+    parameters, for the same upstream gradient."""
+    results = []
+    for forward in forwards:
+        module.zero_grad(set_to_none=True)
+        for x in inputs:
+            x.grad = None
+        out = forward(*inputs)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        grads = [x.grad for x in inputs if x.requires_grad]
+        results.append([out, *grads, *(p.grad for p in module.parameters())])
+    return results
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_onednn_linear_matches_nn_linear(bias):
+    """Linear's oneDNN forward / input gradient and BLAS weight gradient give nn.Linear's
+    numbers (to rounding), for 3-D and non-contiguous inputs; the state dict is nn.Linear's."""
+    torch.manual_seed(0)
+    linear = Linear(48, 96, bias=bias)
+    assert list(linear.state_dict()) == list(torch.nn.Linear(48, 96, bias=bias).state_dict())
+    for x in (torch.randn(3, 17, 48), torch.randn(48, 10).t()):
+        x.requires_grad_()
+        fast, plain = _outputs_and_grads(
+            linear, [linear, lambda x: F.linear(x, linear.weight, linear.bias)], [x]
+        )
+        for a, b in zip(fast, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(torch.randn(2, 48)).dtype == torch.bfloat16  # autocast's own path
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "kernel", "stride", "shape"),
+    [(1, 3, 2, (3, 1, 41, 20)), (8, 3, 2, (2, 8, 19, 9)), (8, 5, 3, (2, 8, 22, 11))],
+)
+def test_the_subsampling_conv_gradients_match_conv2d(in_channels, kernel, stride, shape):
+    """strided_conv2d's im2col weight gradient equals oneDNN's own, as does the rest."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_channels, 16, kernel, stride).to(memory_format=torch.channels_last)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(in_channels > 1)  # the first conv's input (fbank) has no gradient
+    fast, plain = _outputs_and_grads(conv, [lambda x: strided_conv2d(x, conv), conv], [x])
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    strided_conv2d(x, conv).sum().backward()
+    assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)

@@ -700,3 +700,40 @@ def test_a_version_1_checkpoint_resumes_and_best_metric_is_checked_first(tmp_pat
     ):
         trainer.run()
     assert not list_checkpoints(tmp_path / "b" / "exp" / "checkpoints")  # before any step
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_and_resumed_is_bit_identical(tmp_path, corpus, lang, caplog):
+    """train.compile: blocks compiled with dynamic shapes from the first batch, so the
+    resumed run (whose first batch has another shape) runs the same kernels; Inductor's
+    dropout masks come from the global RNG, which the checkpoint restores. The
+    bucketed batches of an epoch compile each graph once: no recompiles."""
+    caplog.set_level(logging.INFO, logger="echoic")
+    train = {"max_steps": 8, "valid_every": 4, "compile": True}
+    reference = _in_process(tmp_path / "reference", corpus, lang, train=train)
+    assert reference.run() == 0
+    assert "train.compile: 1 encoder blocks compiled" in caplog.text
+    folder = tmp_path / "killed"
+    trainer = _in_process(folder, corpus, lang, train=train)
+    _stop_at(trainer, "5:1", "kill")  # after step 3's checkpoint, mid-accumulation
+    with pytest.raises(Killed):
+        trainer.run()
+    caplog.clear()
+    assert _in_process(folder, corpus, lang, train=train).run() == 0
+    assert "resuming from" in caplog.text
+    assert_same_run(folder / "exp", tmp_path / "reference" / "exp")
+    from echoic.train.compiled import compile_counts
+
+    assert compile_counts()["recompiles"] <= 2  # train/eval mode and grad on/off, not shapes
+
+
+def test_compile_falls_back_to_eager_with_one_line_where_unavailable(monkeypatch, caplog):
+    from echoic.train import compiled
+
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Module()
+    model.encoder.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    assert compiled.compile_blocks(model, torch.device("cpu")) is False
+    assert "train.compile: Inductor's CPU code needs a C++ compiler" in caplog.text
+    assert "training without it" in caplog.text

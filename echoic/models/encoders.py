@@ -24,11 +24,13 @@ from echoic.models.layers import (
     ConvModule,
     Dropout,
     FeedForward,
+    Linear,
     MultiHeadAttention,
     RelativePositions,
     lengths_to_mask,
     rotary_tables,
     sinusoids,
+    strided_conv2d,
     strided_input_length,
     strided_lengths,
 )
@@ -169,7 +171,7 @@ class Conv2dSubsampling(nn.Module):
             in_channels = channels
         if freq < 1:
             raise ValueError(f"input_dim {input_dim} is too small for subsampling by {factor}")
-        self.linear = nn.Linear(channels * freq, d_model)
+        self.linear = Linear(channels * freq, d_model)
         self.factor = factor
         self.min_input_frames = self.input_frames_for(1)
 
@@ -183,7 +185,9 @@ class Conv2dSubsampling(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
-            x = torch.relu_(conv(x))  # in place: the conv's output is not needed for its backward
+            x = torch.relu_(
+                strided_conv2d(x, conv)
+            )  # in place: the conv's output is not needed for its backward
         batch, channels, frames, freq = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, frames, freq * channels)
         return self.linear(x), self.output_lengths(lengths)

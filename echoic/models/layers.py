@@ -94,12 +94,153 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        if torch.compiler.is_compiling():
+            # Inductor draws rand_like inside the fused kernel (its bernoulli_ on CPU,
+            # and so F.dropout, is a slow fallback; the cheap mask's in-place random_
+            # would break the graph).
+            return torch.where(torch.rand_like(x) < self.p, 0.0, x) * (1.0 / (1.0 - self.p))
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True, inplace=self.inplace)
         return _MaskedDropout.apply(x, self.p, self.inplace)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
+
+
+def _conv2d_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
+    """Weight gradient of an unpadded, undilated conv2d as one matrix product per
+    utterance over its patches (im2col), both operands in channels_last layout.
+    x (B, C, H, W), grad (B, O, H', W') -> (O, C, kh, kw), channels_last."""
+    kh, kw = kernel
+    sh, sw = stride
+    rows = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view, contiguous for channels_last x
+    grads = grad.permute(0, 2, 3, 1)  # (B, H', W', O)
+    batch, out_h, out_w, out_c = grads.shape
+    channels = rows.shape[-1]
+    sb, s_h, s_w, sc = rows.stride()
+    total = x.new_zeros(kh * kw * channels, out_c)
+    for b in range(batch):  # one utterance's patches at a time bounds the copy (~44 MB)
+        patches = rows.as_strided(
+            (out_h, out_w, kh, kw, channels),
+            (sh * s_h, sw * s_w, s_h, s_w, sc),
+            rows.storage_offset() + b * sb,
+        ).reshape(out_h * out_w, kh * kw * channels)
+        total.addmm_(patches.t(), grads[b].reshape(out_h * out_w, out_c))
+    weight = total.view(kh, kw, channels, out_c).permute(3, 2, 0, 1)
+    return weight.contiguous(memory_format=torch.channels_last)
+
+
+class _StridedConv2d(torch.autograd.Function):
+    """conv2d (no padding) whose backward computes the weight gradient by im2col.
+
+    oneDNN's own fp32 weight gradient in channels_last is slow for the subsampling's
+    shapes on the CPUs here: 1.0 s for the 256-to-256 3x3 stride-2 conv over 8 x 10 s,
+    against 0.37 s as one matrix product per utterance, and 0.22 s against ~0.01 s for
+    the 1-to-256 conv (benchmarks/encoder.py --profile). Forward and the input gradient
+    stay with oneDNN, which is fast in that layout. Under bf16 autocast oneDNN's own
+    backward is as fast as this one (measured), so autocast keeps nn.Conv2d.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        return F.conv2d(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            (grad_x, _, _) = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, ctx.stride, [0, 0], [1, 1], False, [0, 0], 1,
+                [True, False, False],
+            )  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            grad_w = _conv2d_weight_grad(x, grad, tuple(weight.shape[2:]), ctx.stride)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def strided_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` for an unpadded, undilated, ungrouped conv2d with channels_last
+    input and weight; on CPU in fp32 with gradients, through `_StridedConv2d`."""
+    if (
+        x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and (x.requires_grad or conv.weight.requires_grad)
+    ):
+        return _StridedConv2d.apply(x, conv.weight, conv.bias, list(conv.stride))
+    return conv(x)
+
+
+def _onednn_linear_op():
+    """torch's oneDNN linear on dense tensors (the op Inductor's CPU code calls), or None."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """fp32 linear whose forward and input gradient run in oneDNN, weight gradient in BLAS.
+
+    On the AMD EPYC machines here, for the encoder's shapes (1992 x 256 by 256 x 1024
+    and the like), oneDNN's products are 1.15-1.4x faster than MKL's for the forward
+    and the input gradient, and slower for the weight gradient (x^T g), which stays
+    with torch.mm (benchmarks/encoder.py --profile). Same maths; rounding differs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t().mm(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) that runs fp32 on CPU through oneDNN
+    (`_OneDnnLinear`); under autocast, export, torch.compile or on other devices it
+    is nn.Linear's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            _ONEDNN_LINEAR is None
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
+            or _exporting()
+        ):
+            return F.linear(x, self.weight, self.bias)
+        # The Function sees 2-D tensors: a view made inside it could not be modified
+        # in place (the in-place dropouts after Linear do that).
+        rows = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return rows.view(*x.shape[:-1], rows.shape[-1])
 
 
 class FeedForward(nn.Module):
@@ -109,8 +250,8 @@ class FeedForward(nn.Module):
         self, d_model: int, hidden: int, dropout: float, activation: Literal["swish", "relu"]
     ) -> None:
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden)
-        self.w2 = nn.Linear(hidden, d_model)
+        self.w1 = Linear(d_model, hidden)
+        self.w2 = Linear(hidden, d_model)
         self.activation = nn.SiLU() if activation == "swish" else nn.ReLU()
         # SiLU's backward reads its input, ReLU's its output: only SiLU allows in place.
         self.dropout = Dropout(dropout, inplace=activation == "swish")
@@ -130,13 +271,13 @@ class ConvModule(nn.Module):
         super().__init__()
         if kernel % 2 == 0:
             raise ValueError(f"conv_kernel must be odd (symmetric context), got {kernel}")
-        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.pointwise_in = Linear(d_model, 2 * d_model)
         # Before BatchNorm a bias is removed again by the mean subtraction (zero gradient).
         self.depthwise = nn.Conv1d(
             d_model, d_model, kernel, padding=kernel // 2, groups=d_model, bias=norm != "batch_norm"
         )
         self.norm = nn.BatchNorm1d(d_model) if norm == "batch_norm" else nn.LayerNorm(d_model)
-        self.pointwise_out = nn.Linear(d_model, d_model)
+        self.pointwise_out = Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = F.glu(self.pointwise_in(x), dim=-1)
@@ -242,14 +383,14 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // num_heads
         self.positional = positional
         self.dropout = dropout
-        self.query = nn.Linear(d_model, d_model)
+        self.query = Linear(d_model, d_model)
         # No bias on keys: softmax ignores it (its gradient is exactly zero), and Adam
         # would only amplify rounding noise into it.
-        self.key = nn.Linear(d_model, d_model, bias=False)
-        self.value = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.key = Linear(d_model, d_model, bias=False)
+        self.value = Linear(d_model, d_model)
+        self.out = Linear(d_model, d_model)
         if positional == "rel_pos":
-            self.position = nn.Linear(d_model, d_model, bias=False)
+            self.position = Linear(d_model, d_model, bias=False)
             self.bias_u = nn.Parameter(torch.zeros(num_heads, self.head_dim))
             self.bias_v = nn.Parameter(torch.zeros(num_heads, self.head_dim))
             nn.init.xavier_uniform_(self.bias_u)

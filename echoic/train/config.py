@@ -57,6 +57,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False  # CUDA: torch's deterministic algorithms (CPU always is)
     gradient_checkpointing: bool = False  # recompute encoder blocks in backward
+    # torch.compile each encoder block (dynamic shapes); eager, with a warning, where
+    # compile is unavailable. On the 2-core CPUs measured it is slower than eager
+    # (README, performance): it is for CUDA.
+    compile: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
     valid_every: int | None = None  # steps between validations (also at every epoch end)
@@ -237,6 +241,8 @@ SAFE_TO_CHANGE = {
 _WHY_BREAKING = {
     # Matrix products split their sums over threads: another count rounds differently.
     "train.num_threads": "which changes float rounding",
+    # Compiled kernels round differently and draw dropout masks with Inductor's RNG.
+    "train.compile": "which changes float rounding and dropout masks",
 }
 
 

@@ -46,6 +46,7 @@ from echoic.models.model import build_model
 from echoic.seeding import derive_seed
 from echoic.train import checkpoint as ckpt
 from echoic.train import finetune
+from echoic.train.compiled import compile_blocks, compile_counts
 from echoic.train.config import (
     ExperimentConfig,
     breaking_changes,
@@ -228,7 +229,9 @@ class Trainer:
                 "DDP fixes the trained parameters when it starts (train in one process, or "
                 "train frozen and then fine-tune from that checkpoint)"
             )
-        self.model = wrap(model.to(rt.device), rt, train.distributed)
+        model = model.to(rt.device)
+        self.compiled = train.compile and compile_blocks(model, rt.device)
+        self.model = wrap(model, rt, train.distributed)
 
         data = self.config.data
         # Nothing shorter than that may reach the model, after the fastest speed
@@ -730,6 +733,13 @@ class Trainer:
 
     def _end_of_epoch(self) -> None:
         log.info("epoch %d done at step %d", self.epoch - 1, self.step)
+        if self.compiled:
+            counts = compile_counts()
+            log.info(
+                "train.compile: %d graphs compiled, %d recompiles so far",
+                counts["graphs"],
+                counts["recompiles"],
+            )
         if self.dropped:
             log.warning(
                 "train epoch %d: %s",
