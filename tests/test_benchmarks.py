@@ -93,3 +93,27 @@ def test_encoder_wenet_rows_set_use_sdpa(tmp_path, monkeypatch, row, use_sdpa):
     assert row in bench.SDPA_MODES["both"]
     assert bench.split_row(row + "_bf16") == (row, "bf16")
     assert bench.split_row(row) == (row, "fp32")
+
+
+def test_encoder_summary_states_the_headline_and_best_against_best(monkeypatch, capsys):
+    """Rows alternate per round; the headline is echoic fp32 over WeNet fp32, and
+    best-vs-best names each side's fastest row (here WeNet's bf16 with use_sdpa)."""
+    bench = _load("encoder")
+    step_s = {"echoic": 4.0, "wenet": 5.0, "wenet_sdpa": 4.8, "echoic_bf16": 2.0}
+    step_s.update(wenet_bf16=3.0, wenet_sdpa_bf16=2.5)
+    order = []
+
+    def run(row, args, extra):
+        order.append(row)
+        return {"frames_per_s": 0, "peak_mb": 100.0, "params_m": 20.0, "step_s": [step_s[row]]}
+
+    monkeypatch.setattr(bench, "_run", run)
+    argv = ["encoder.py", "--wenet-root", "W", "--precision", "fp32,bf16", "--rounds", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    result = json.loads(capsys.readouterr().out)
+    assert order == list(step_s) * 2
+    assert result["speedup"] == 1.25 and result["speedup_sdpa"] == 1.2
+    assert (result["best_echoic"], result["best_wenet"]) == ("echoic_bf16", "wenet_sdpa_bf16")
+    assert result["best_speedup"] == 1.25
+    assert result["rows"]["echoic"]["frames_per_s_min"] == 2000.0

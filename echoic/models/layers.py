@@ -135,12 +135,15 @@ def _conv2d_weight_grad(
 class _StridedConv2d(torch.autograd.Function):
     """conv2d (no padding) whose backward computes the weight gradient by im2col.
 
-    oneDNN's own fp32 weight gradient in channels_last is slow for the subsampling's
-    shapes on the CPUs here: 1.0 s for the 256-to-256 3x3 stride-2 conv over 8 x 10 s,
-    against 0.37 s as one matrix product per utterance, and 0.22 s against ~0.01 s for
-    the 1-to-256 conv (benchmarks/encoder.py --profile). Forward and the input gradient
-    stay with oneDNN, which is fast in that layout. Under bf16 autocast oneDNN's own
-    backward is as fast as this one (measured), so autocast keeps nn.Conv2d.
+    oneDNN's own fp32 weight gradient in channels_last is slow for wide inputs on the
+    CPUs here: for the 256-to-256 3x3 stride-2 conv over 8 x 10 s it takes 1.0 s,
+    against 0.37 s as one matrix product per utterance. Whole fwd + bwd, this path
+    against nn.Conv2d: 256 channels 0.86 / 1.21 s, 144 0.26 / 0.34 s, 64 68 / 84 ms;
+    but 32 channels 17 / 14 ms and a 1-channel input 190 / 146 ms, where the product
+    is too thin, so `strided_conv2d` takes it from 64 input channels. Forward and the
+    input gradient stay with oneDNN, which is fast in that layout. Under bf16 autocast
+    oneDNN's own backward is as fast as this one (measured), so autocast keeps
+    nn.Conv2d.
     """
 
     @staticmethod
@@ -168,9 +171,11 @@ class _StridedConv2d(torch.autograd.Function):
 
 def strided_conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """`conv(x)` for an unpadded, undilated, ungrouped conv2d with channels_last
-    input and weight; on CPU in fp32 with gradients, through `_StridedConv2d`."""
+    input and weight; on CPU in fp32 with gradients, from 64 input channels, through
+    `_StridedConv2d`."""
     if (
-        x.device.type == "cpu"
+        conv.in_channels >= 64
+        and x.device.type == "cpu"
         and torch.is_grad_enabled()
         and x.dtype == torch.float32
         and conv.weight.dtype == torch.float32
