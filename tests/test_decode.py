@@ -107,7 +107,7 @@ def _batches(exp, manifest_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hybrid", "transducer"])
-def test_greedy_and_beam_agree_on_easy_utterances(trained, kind):
+def test_beam_keeps_greedys_right_answers_or_finds_likelier_ones(trained, kind):
     model, tokenizer, batches = _batches(*trained(kind))
     pairs = {
         "hybrid": [(DecodeOptions("ctc_greedy"), DecodeOptions("ctc_prefix_beam", beam=4)),
@@ -121,13 +121,19 @@ def test_greedy_and_beam_agree_on_easy_utterances(trained, kind):
         second = decode_batch(model, batch, beam)
         # Easy utterances: the ones greedy search already gets right.
         easy = [i for i, h in enumerate(first) if tokenizer.decode(h.tokens) == batch.texts[i]]
-        assert len(easy) >= 3, (greedy.method, len(easy))
-        agree = sum(first[i].tokens == second[i].tokens for i in easy)
-        # Beam search may trade a right greedy answer for a likelier wrong one on a tiny
-        # model: three of ~18 are allowed. The transducer fixture gave 16 of 18 for
-        # rnnt_beam after the held-out-split change, and 15 of 18 once the encoder's
-        # products moved to oneDNN (other rounding, so another tiny model).
-        assert agree >= len(easy) - 3, (greedy.method, beam.method, agree, len(easy))
+        assert easy, greedy.method
+        changed = [i for i in easy if first[i].tokens != second[i].tokens]
+        if greedy.method == "rnnt_greedy":
+            # It reports no score to compare with (0.0): at most three of ~18 may change
+            # (16 of 18 agreed after the held-out-split change, 15 once the encoder's
+            # products moved to oneDNN, whose rounding gives another tiny model).
+            assert len(changed) <= 3, (beam.method, len(changed), len(easy))
+            continue
+        # Beam search may trade a right greedy answer for a wrong one only if it scores
+        # that one higher: a tiny model's ranking is not its accuracy. (Counting
+        # agreements broke whenever the tiny fixture's rounding changed.)
+        for i in changed:
+            assert second[i].score >= first[i].score - 1e-4, (greedy.method, i)
 
 
 # Scores worked out by hand, one hypothesis at a time on the utterance's own frames (no
