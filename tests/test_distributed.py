@@ -210,9 +210,12 @@ def test_fsdp2_on_two_processes_resumes_exactly_after_a_kill(
     # 6e-6 (relative), so the gradients round differently, most likely because wrap()
     # makes the subsampling's channels_last weights contiguous under FSDP (another conv
     # kernel) and the norm is summed over shards; clipping (norm ~100 > 5) then scales
-    # every update by it. After 4 steps the largest difference is 4.4e-6.
+    # every update by it. After 4 steps the largest difference was 4.4e-6; since the
+    # linear layers' products run in oneDNN it is 2.5e-5, in one of the subsampling
+    # linear's 19,456 weights (Adam turns tiny gradient differences of near-zero
+    # gradients into whole updates).
     single = _split(final_weights(ddp_and_single[0]))[0]
-    torch.testing.assert_close(_split(expected)[0], single, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(_split(expected)[0], single, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.slow

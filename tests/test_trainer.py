@@ -223,7 +223,7 @@ def test_config_errors_are_one_line(tmp_path, corpus, lang):
     assert done.stderr.strip().splitlines() == [
         f"echoic: error: {config}: unknown key 'train.max_step'; did you mean 'max_steps'? "
         "(allowed in 'train': seed, max_steps, max_epochs, accum_grad, precision, device, "
-        "deterministic, gradient_checkpointing, distributed, log_every, valid_every, "
+        "deterministic, gradient_checkpointing, compile, distributed, log_every, valid_every, "
         "save_every_steps, save_every_minutes, "
         "keep_last, keep_best, best_metric, best_mode, max_bad_steps, oom_shrink, num_threads)"
     ]
