@@ -116,11 +116,11 @@ def components(model: torch.nn.Module, impl: str, feats, lengths) -> dict[str, f
     """Milliseconds per training step of each component, timed alone (fwd + bwd) at
     the step's shapes and multiplied by its count per step."""
     torch.manual_seed(0)
-    per_block = 12
     if impl == "echoic":
         block = model.blocks[0]
+        per_block = len(model.blocks)
         frames = int(model.subsampling.output_lengths(lengths)[0])
-        x = torch.randn(BATCH, frames, 256, requires_grad=True)
+        x = torch.randn(BATCH, frames, model.output_dim, requires_grad=True)
         valid = torch.ones(BATCH, frames, dtype=torch.bool)
         positions = model.relative_positions(frames, x.device)
         parts = {
@@ -135,6 +135,7 @@ def components(model: torch.nn.Module, impl: str, feats, lengths) -> dict[str, f
         }
     else:
         layer = model.encoders[0]
+        per_block = len(model.encoders)
         masks = torch.ones(BATCH, 1, FRAMES, dtype=torch.bool)
         with torch.no_grad():
             x, pos_emb, sub_masks = model.embed(feats, masks)
@@ -272,7 +273,7 @@ def main() -> None:
     if args.profile:  # one fp32 eager process per implementation
         result = {"bench": "encoder_profile", "threads": args.threads}
         for impl in [i for i in impls if i != "echoic_compiled"]:
-            run = _run(impl, argparse.Namespace(**vars(args)), extra)
+            run = _run(impl, args, extra)
             result[impl] = {
                 "frames_per_s": round(run["frames_per_s"], 1),
                 "components_ms": run["components_ms"],

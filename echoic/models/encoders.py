@@ -185,9 +185,8 @@ class Conv2dSubsampling(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
-            x = torch.relu_(
-                strided_conv2d(x, conv)
-            )  # in place: the conv's output is not needed for its backward
+            # relu_ in place: the conv's output is not needed for its backward
+            x = torch.relu_(strided_conv2d(x, conv))
         batch, channels, frames, freq = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, frames, freq * channels)
         return self.linear(x), self.output_lengths(lengths)

@@ -209,7 +209,6 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         x = x.contiguous()
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
     @staticmethod
@@ -221,7 +220,7 @@ class _OneDnnLinear(torch.autograd.Function):
             grad_x = _ONEDNN_LINEAR(grad, weight.t(), None, "none", [], "")
         if ctx.needs_input_grad[1]:
             grad_w = grad.t().mm(x)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
