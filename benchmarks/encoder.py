@@ -11,8 +11,9 @@ conv module, dropout 0.1), imported with the anchor script `wenet_import.py` fro
 --anchors, with its `use_sdpa` switch off (`wenet`) and on (`wenet_sdpa`). Each row
 runs at every --precision (fp32, and bf16 = CPU autocast, the same context for both
 toolkits); a bf16 row's name ends in `_bf16`. --compile adds `echoic_compiled` rows
-(torch.compile of each block). These machines are noisy, so each row runs in a fresh
-process per round and rounds alternate between rows.
+(each block compiled as `train.compile: true` does). --recipe YAML measures that
+recipe's Conformer (echoic rows only) instead of 12 x 256. These machines are noisy,
+so each row runs in a fresh process per round and rounds alternate between rows.
 
 The comparison rule: the headline `speedup` is echoic fp32 eager over WeNet fp32
 (use_sdpa off; `speedup_sdpa` with it on), same precision. `best_speedup` is echoic's
@@ -27,6 +28,7 @@ times its count per step.
 
     python benchmarks/encoder.py [--threads 2] [--precision fp32,bf16]
         [--wenet-root /tmp/wenet --anchors ../shared/anchors] [--profile] [--compile]
+    python benchmarks/encoder.py --recipe recipes/synth_en/conf/demo.yaml --precision fp32,bf16
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from echoic.models.encoders import ConformerConfig, Encoder
+from echoic.train.compiled import compile_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
 from _common import maxrss_mb, run_worker
@@ -61,20 +66,23 @@ def build(impl: str, args) -> torch.nn.Module:
 
         encoder_class, _, _ = wenet_import.load_conformer_encoder(args.wenet_root)
         return encoder_class(**dict(wenet_import.CONFIG_12x256, use_sdpa=WENET_ROWS[impl]))
-    config = ConformerConfig(
-        d_model=256,
-        num_layers=12,
-        num_heads=4,
-        ffn_dim=1024,
-        conv_kernel=15,
-        dropout=0.1,
-        positional=args.positional,
-    )
+    if args.recipe:  # a recipe's encoder, as it trains
+        recipe = yaml.safe_load(Path(args.recipe).read_text())
+        config = ConformerConfig(**recipe["model"]["encoder"]["conformer"])
+    else:
+        config = ConformerConfig(
+            d_model=256,
+            num_layers=12,
+            num_heads=4,
+            ffn_dim=1024,
+            conv_kernel=15,
+            dropout=0.1,
+            positional=args.positional,
+        )
     encoder = Encoder(config, input_dim=FEATURES)
     encoder.gradient_checkpointing = args.checkpointing
-    if impl == "echoic_compiled":
-        for block in encoder.blocks:
-            block.compile(dynamic=False)
+    if impl == "echoic_compiled" and not compile_blocks(encoder, torch.device("cpu")):
+        raise SystemExit("torch.compile is unavailable here (see the warning above)")
     return encoder
 
 
@@ -242,6 +250,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="where a step's time goes")
     parser.add_argument("--positional", choices=["rel_pos", "rope"], default="rel_pos")
     parser.add_argument(
+        "--recipe", help="measure this recipe YAML's Conformer instead of 12 x 256 (echoic only)"
+    )
+    parser.add_argument(
         "--checkpointing", action="store_true", help="gradient checkpointing per block"
     )
     parser.add_argument(
@@ -264,6 +275,8 @@ def main() -> None:
     if args.impl:
         print(json.dumps(worker(args)))
         return
+    if args.recipe and (args.wenet_root or args.profile):
+        parser.error("--recipe measures echoic alone: leave out --wenet-root and --profile")
     precisions = args.precision.split(",")
     if unknown := set(precisions) - set(PRECISIONS):
         parser.error(f"--precision: unknown {sorted(unknown)}; choose from {list(PRECISIONS)}")
@@ -295,6 +308,7 @@ def main() -> None:
         "threads": args.threads,
         "rounds": args.rounds,
         "repeats": args.repeats,
+        "encoder": args.recipe or "12 x 256",
         "positional": args.positional,
         "gradient_checkpointing": args.checkpointing,
         "rows": summaries,

@@ -117,3 +117,11 @@ def test_encoder_summary_states_the_headline_and_best_against_best(monkeypatch, 
     assert (result["best_echoic"], result["best_wenet"]) == ("echoic_bf16", "wenet_sdpa_bf16")
     assert result["best_speedup"] == 1.25
     assert result["rows"]["echoic"]["frames_per_s_min"] == 2000.0
+
+
+def test_encoder_recipe_rows_measure_the_recipes_conformer():
+    bench = _load("encoder")
+    recipe = BENCHMARKS.parent / "recipes" / "synth_en" / "conf" / "demo.yaml"
+    args = argparse.Namespace(recipe=str(recipe), checkpointing=False, positional="rel_pos")
+    encoder = bench.build("echoic", args)
+    assert (encoder.output_dim, len(encoder.blocks), encoder.positional) == (96, 4, "rope")

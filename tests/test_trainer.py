@@ -731,9 +731,8 @@ def test_compile_falls_back_to_eager_with_one_line_where_unavailable(monkeypatch
     from echoic.train import compiled
 
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    model = torch.nn.Module()
-    model.encoder = torch.nn.Module()
-    model.encoder.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
-    assert compiled.compile_blocks(model, torch.device("cpu")) is False
+    encoder = torch.nn.Module()
+    encoder.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    assert compiled.compile_blocks(encoder, torch.device("cpu")) is False
     assert "train.compile: Inductor's CPU code needs a C++ compiler" in caplog.text
     assert "training without it" in caplog.text

@@ -38,14 +38,14 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(model: nn.Module, device: torch.device) -> bool:
-    """Compile the encoder's blocks in place; False (with a one-line warning) where
+def compile_blocks(encoder: nn.Module | None, device: torch.device) -> bool:
+    """Compile an encoder's blocks in place; False (with a one-line warning) where
     torch.compile is unavailable, and the model then trains eager."""
     reason = compile_unavailable(device)
     if reason is not None:
         log.warning("train.compile: %s; training without it", reason)
         return False
-    blocks = getattr(getattr(model, "encoder", None), "blocks", None)
+    blocks = getattr(encoder, "blocks", None)
     if blocks is None:
         log.warning("train.compile: this model's encoder has no blocks; training without it")
         return False

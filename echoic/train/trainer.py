@@ -230,7 +230,7 @@ class Trainer:
                 "train frozen and then fine-tune from that checkpoint)"
             )
         model = model.to(rt.device)
-        self.compiled = train.compile and compile_blocks(model, rt.device)
+        self.compiled = train.compile and compile_blocks(getattr(model, "encoder", None), rt.device)
         self.model = wrap(model, rt, train.distributed)
 
         data = self.config.data
