@@ -22,8 +22,16 @@ log = logging.getLogger("echoic")
 
 def _synth(args: argparse.Namespace) -> None:
     from echoic.data.synth.corpus import synthesize_corpus
+    from echoic.data.synth.degraded import write_degraded_tests
 
     start = time.perf_counter()
+    if args.degraded_only:
+        counts = write_degraded_tests(args.out, seed=args.seed)
+        elapsed = time.perf_counter() - start
+        print(
+            f"wrote {', '.join(f'{k}.jsonl ({n})' for k, n in counts.items())} in {elapsed:.1f} s"
+        )
+        return
     summary = synthesize_corpus(
         args.out,
         lang=args.lang,
@@ -456,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--hotword-utts", type=int, default=100, help="size of the hotword test set")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.add_argument(
+        "--degraded-only",
+        action="store_true",
+        help="only add test_noisy.jsonl and test_tel.jsonl (written by every synth) to the "
+        "existing corpus in --out",
+    )
     synth.set_defaults(run=_synth)
 
     importer = commands.add_parser(

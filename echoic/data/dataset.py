@@ -23,10 +23,16 @@ import numpy as np
 import torch
 
 from echoic.data import audio as audio_io
-from echoic.data.augment import SpecAugmentConfig, spec_augment, speed_perturb
+from echoic.data.augment import (
+    SpecAugmentConfig,
+    WaveformAugmentConfig,
+    spec_augment,
+    speed_perturb,
+)
 from echoic.data.features import FBANK_80, FbankConfig, InputSpec, compute_fbank
 from echoic.data.hotwords import HotwordSamplingConfig, sample_batch_hotwords
 from echoic.data.manifest import Manifest
+from echoic.data.noise import build_augmenter
 from echoic.data.sampler import TOO_SHORT, BatchPlan, BucketBatchSampler
 from echoic.data.tokenizer import Tokenizer
 from echoic.data.workers import WorkerError, fork_map, ignore_stop_signals
@@ -66,6 +72,10 @@ class DataConfig:
     feature_cache: bool = False
     # Training hotwords for contextual models (echoic.data.hotwords); null: none.
     hotwords: HotwordSamplingConfig | None = None
+    # Reverberation, noise, telephone channel and gain on the waveform, before features
+    # (echoic.data.augment.WaveformAugmentConfig); null: none. With feature_cache it
+    # needs `copies`: the cache keeps that many augmented versions of each utterance.
+    augment: WaveformAugmentConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.max_frames is None) == (self.batch_size is None):
@@ -76,6 +86,11 @@ class DataConfig:
             raise ValueError("min_duration is larger than max_duration")
         if self.num_workers < 0:
             raise ValueError("num_workers must not be negative")
+        if self.feature_cache and self.augment is not None and self.augment.copies is None:
+            raise ValueError(
+                "feature_cache with augment needs augment.copies (how many augmented "
+                "versions of each utterance to keep); without it every epoch's audio differs"
+            )
 
 
 # Batch's tensor fields: what moves to pinned memory and to the device.
@@ -117,6 +132,9 @@ class Batch:
     audio_lens: torch.Tensor | None  # (B,)
     skipped: list[Skip] = field(default_factory=list)
     unknown_chars: Counter[str] = field(default_factory=Counter)
+    # Waveform augmentation that could not be applied (a noise file that failed to read):
+    # (reason, message) each; the utterance stays in the batch without it.
+    augment_failures: list[tuple[str, str]] = field(default_factory=list)
     # Waveform batches count frames of 10 ms (as `max_frames` does): samples per frame.
     samples_per_frame: int = 1
     # The seed the batch's augmentation drew from: a model that draws per-utterance
@@ -178,28 +196,37 @@ class AsrDataset:
             raise ValueError(
                 "feature_cache needs fbank dither 0: dithered features differ per epoch"
             )
-        # (utterance id, speed factor) -> (features or samples, seconds); see feature_cache
-        self.cache: dict[tuple[str, float], tuple[np.ndarray, float]] | None = (
+        # (utterance id, speed factor, augmented copy) -> (features or samples, seconds)
+        self.cache: dict[tuple[str, float, int], tuple[np.ndarray, float]] | None = (
             {} if config.feature_cache else None
         )
+        # Built here, before any worker forks, so every worker draws from the same sources.
+        self.augmenter = (
+            build_augmenter(config.augment, manifest, input_spec.sample_rate, seed)
+            if augment and config.augment is not None
+            else None
+        )
+        self.fill_failures: Counter[str] = Counter()  # augmentation failures in fill_cache
 
     @property
     def cache_bytes(self) -> int:
         return sum(array.nbytes for array, _ in self.cache.values()) if self.cache else 0
 
     def __getitem__(self, plan: BatchPlan) -> Batch:
-        items, skipped, unknown = [], [], Counter()
+        items, skipped, unknown, failures = [], [], Counter(), []
         for index in plan.utterances:
             utterance = self.manifest.utterances[index]
             try:
-                items.append(self._load(utterance, plan.epoch, unknown))
+                items.append(self._load(utterance, plan.epoch, unknown, failures))
             except AudioError as error:
                 skipped.append(
                     Skip(utterance.id, error.reason, str(error), self.manifest.where(index))
                 )
-        return self._collate(plan, items, skipped, unknown)
+        batch = self._collate(plan, items, skipped, unknown)
+        batch.augment_failures = failures
+        return batch
 
-    def _load(self, utterance, epoch: int, unknown: Counter) -> dict:
+    def _load(self, utterance, epoch: int, unknown: Counter, failures: list) -> dict:
         config, spec = self.config, self.input_spec
         tokens = None
         if self.tokenizer is not None:
@@ -208,9 +235,14 @@ class AsrDataset:
             tokens = self.tokenizer.encode(utterance.text)
             unknown.update(self.tokenizer.unknown_chars(utterance.text))
         factor = self._speed_factor(utterance, epoch)
-        key = (utterance.id, factor or 1.0)
+        copy = self._augment_copy(utterance, epoch)
+        key = (utterance.id, factor or 1.0, copy or 0)
         cached = self.cache.get(key) if self.cache is not None else None
-        array, seconds = cached if cached is not None else self._features(utterance, epoch, factor)
+        if cached is not None:
+            array, seconds = cached
+        else:
+            array, seconds, failed = self._features(utterance, epoch, factor, copy)
+            failures += failed
         if self.cache is not None and cached is None:
             array.setflags(write=False)  # shared by every later epoch: never edit in place
             self.cache[key] = (array, seconds)
@@ -231,6 +263,14 @@ class AsrDataset:
             return None
         return float(make_rng(self.seed, epoch, utterance.id, "speed").choice(speeds))
 
+    def _augment_copy(self, utterance, epoch: int) -> int | None:
+        """Which of `augment.copies` fixed augmented versions `epoch` uses; None when each
+        epoch draws afresh (or there is no waveform augmentation)."""
+        if self.augmenter is None or self.augmenter.config.copies is None:
+            return None
+        copies = self.augmenter.config.copies
+        return int(make_rng(self.seed, epoch, utterance.id, "augment-copy").integers(copies))
+
     def fill_cache(
         self,
         plans: Iterable[BatchPlan],
@@ -244,14 +284,15 @@ class AsrDataset:
         stop request) the fill ends early: the pass computes what is missing itself."""
         if self.cache is None:
             return 0
-        wanted: dict[tuple[str, float], tuple[int, int, float | None]] = {}
+        wanted: dict[tuple[str, float, int], tuple[int, int, float | None, int | None]] = {}
         for plan in plans:
             for index in plan.utterances:
                 utterance = self.manifest.utterances[index]
                 factor = self._speed_factor(utterance, plan.epoch)
-                key = (utterance.id, factor or 1.0)
+                copy = self._augment_copy(utterance, plan.epoch)
+                key = (utterance.id, factor or 1.0, copy or 0)
                 if key not in self.cache:
-                    wanted[key] = (index, plan.epoch, factor)
+                    wanted[key] = (index, plan.epoch, factor, copy)
         if not wanted:
             return 0
         global _FILLING
@@ -269,17 +310,24 @@ class AsrDataset:
                 name="feature cache",
             )
             for chunk_results in results:
-                for key, (array, seconds) in chunk_results:
+                for key, (array, seconds, failed) in chunk_results:
                     array.setflags(write=False)
                     self.cache[key] = (array, seconds)
                     added += 1
+                    for reason, message in failed:
+                        self.fill_failures[reason] += 1
+                        if self.fill_failures[reason] == 1:
+                            log.warning("augmentation not applied to %s: %s", key[0], message)
         finally:
             _FILLING = None
         return added
 
-    def _features(self, utterance, epoch: int, factor: float | None) -> tuple[np.ndarray, float]:
+    def _features(
+        self, utterance, epoch: int, factor: float | None, copy: int | None = None
+    ) -> tuple[np.ndarray, float, list[tuple[str, str]]]:
         """(fbank features, or samples for waveform input; seconds of audio after speed
-        perturbation), before SpecAugment."""
+        perturbation; waveform augmentation that failed, as (reason, message)), before
+        SpecAugment."""
         config, spec = self.config, self.input_spec
         samples = audio_io.load_audio(
             utterance.audio,
@@ -295,14 +343,24 @@ class AsrDataset:
         if factor is not None:
             samples = speed_perturb(samples, spec.sample_rate, factor)
         seconds = samples.shape[0] / spec.sample_rate
+        failed: list[tuple[str, str]] = []
+        if self.augmenter is not None:
+            # A copy is the same in every epoch that uses it; otherwise each epoch draws anew.
+            rng = (
+                make_rng(self.seed, "augment-copy", copy, utterance.id)
+                if copy is not None
+                else make_rng(self.seed, epoch, utterance.id, "augment")
+            )
+            samples, errors = self.augmenter(samples, rng)
+            failed = [(error.reason, str(error)) for error in errors]
         if spec.kind == "waveform":
-            return samples, seconds
+            return samples, seconds, failed
         dither_rng = make_rng(self.seed, epoch, utterance.id, "dither") if self.augment else None
         fbank = spec.fbank if self.augment else _without_dither(spec.fbank)
         feats = compute_fbank(samples, spec.sample_rate, fbank, dither_rng)
         if feats.shape[0] == 0:
             raise AudioError(TOO_SHORT, "too short for a single feature frame")
-        return feats, seconds
+        return feats, seconds, failed
 
     def _collate(self, plan: BatchPlan, items: list[dict], skipped: list[Skip], unknown) -> Batch:
         tokens = token_lens = feats = feat_lens = audio = audio_lens = None
@@ -384,6 +442,7 @@ class PassReport:
     skipped: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first message seen
     unknown_chars: Counter[str] = field(default_factory=Counter)
+    augment_failures: Counter[str] = field(default_factory=Counter)  # reason -> count
 
     def add(self, batch: Batch) -> None:
         self.batches += 1
@@ -395,6 +454,9 @@ class PassReport:
         for skip in batch.skipped:
             self.skipped[skip.reason] += 1
             self.examples.setdefault(skip.reason, f"{skip.where}: {skip.utt_id}: {skip.message}")
+        for reason, message in batch.augment_failures:
+            self.augment_failures[reason] += 1
+            self.examples.setdefault(f"augment_{reason}", message)
 
     def add_excluded(self, reason: str, count: int, example: str) -> None:
         if count:
@@ -413,6 +475,13 @@ class PassReport:
         if self.skipped:
             parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
             text += f"; skipped {sum(self.skipped.values())} ({parts})"
+        if self.augment_failures:
+            parts = ", ".join(f"{n} {r}" for r, n in sorted(self.augment_failures.items()))
+            first = next(v for k, v in self.examples.items() if k.startswith("augment_"))
+            text += (
+                f"; augmentation not applied to {sum(self.augment_failures.values())} "
+                f"utterances ({parts}; first: {first})"
+            )
         if self.unknown_chars:
             top = ", ".join(f"{c!r} x{n}" for c, n in self.unknown_chars.most_common(5))
             text += (
@@ -430,6 +499,7 @@ class PassReport:
             "skipped": dict(self.skipped),
             "skip_examples": dict(self.examples),
             "unknown_chars": dict(self.unknown_chars),
+            "augment_failures": dict(self.augment_failures),
         }
 
 
@@ -447,11 +517,11 @@ def _fill_chunk(chunk: list) -> list:
         while True:
             time.sleep(1)
     dataset, results = _FILLING, []
-    for key, (index, epoch, factor) in chunk:
+    for key, (index, epoch, factor, copy) in chunk:
         utterance = dataset.manifest.utterances[index]
         # A failure is left for the pass itself, which loads it again and counts the skip.
         with contextlib.suppress(AudioError):
-            results.append((key, dataset._features(utterance, epoch, factor)))
+            results.append((key, dataset._features(utterance, epoch, factor, copy)))
     return results
 
 

@@ -28,7 +28,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from echoic.data.audio import resample
+from echoic.data.augment import colored_noise, mix_at_snr
 from echoic.data.manifest import Utterance, write_manifest
+from echoic.data.synth.degraded import write_degraded_tests
 from echoic.data.synth.overlap import NEAR_DUPLICATE_UNITS, OverlapIndex, StretchIndex, units
 from echoic.data.synth.text_source import sentences
 from echoic.data.synth.voices import Voice, check_voices, espeak_audio, festival_audio, voices_for
@@ -293,17 +295,7 @@ def _pick_voice(voices: Sequence[Voice], rng: np.random.Generator) -> Voice:
 def add_noise(samples: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
     """Add white, pink or brown noise at `snr_db` relative to the speech power."""
     colour = rng.choice(["white", "pink", "brown"])
-    white = rng.standard_normal(samples.shape[0])
-    if colour != "white":
-        spectrum = np.fft.rfft(white)
-        freqs = np.fft.rfftfreq(samples.shape[0])
-        freqs[0] = freqs[1] if len(freqs) > 1 else 1.0
-        spectrum /= np.sqrt(freqs) if colour == "pink" else freqs
-        white = np.fft.irfft(spectrum, n=samples.shape[0])
-    speech_power = float(np.mean(np.square(samples, dtype=np.float64)))
-    noise_power = float(np.mean(np.square(white))) or 1.0
-    scale = np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))
-    return (samples + white * scale).astype(np.float32)
+    return mix_at_snr(samples, colored_noise(samples.shape[0], str(colour), rng), snr_db)
 
 
 def render(
@@ -411,6 +403,7 @@ def synthesize_corpus(
                     lengths.update(written)
                     bar.update(len(written))
     summary = _write_manifests(out_dir, plans, lengths, lang, splits)
+    summary["degraded"] = write_degraded_tests(out_dir, seed, SAMPLE_RATE)
     text = lm_text(plans, lang, excluded_words=set(hotwords + distractors), domain=domain)
     train_sentences = sum(p.split == "train" for p in plans)
     summary["lm_text"] = {"sentences": len(text), "text_only": len(text) - train_sentences}
