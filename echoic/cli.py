@@ -476,10 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         help="convert a corpus to an echoic manifest",
         description="Convert a Kaldi data dir, a LibriSpeech-style tree, a folder of audio + .txt "
-        "files, or a lhotse CutSet into an echoic JSONL manifest.",
+        "files, a lhotse CutSet, or a MUSAN-style tree of noise recordings (for "
+        "data.augment.noise.files) into an echoic JSONL manifest.",
     )
     importer.add_argument(
-        "--format", required=True, choices=["kaldi", "librispeech", "folder", "lhotse"]
+        "--format", required=True, choices=["kaldi", "librispeech", "folder", "lhotse", "musan"]
     )
     importer.add_argument("source", help="data dir, tree root, folder, or CutSet file")
     importer.add_argument("--out", required=True, help="manifest to write (.jsonl)")

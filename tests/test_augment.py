@@ -4,6 +4,7 @@ degraded test splits."""
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,7 +190,7 @@ def test_augmented_copies_are_cached_and_equal_the_uncached_ones(corpus, rir_cac
 
 
 def test_feature_cache_with_augmentation_needs_copies():
-    with pytest.raises(ValueError, match="augment.copies"):
+    with pytest.raises(ValueError, match=r"augment\.copies"):
         DataConfig(feature_cache=True, augment=WaveformAugmentConfig(noise=NoiseConfig()))
 
 
@@ -275,7 +276,7 @@ def test_degraded_test_splits_are_deterministic_and_degraded(corpus, tmp_path):
         )
         assert [u.id for u in ours.utterances] == [u.id for u in theirs.utterances]
         for a, b in zip(ours.utterances, theirs.utterances):
-            assert open(a.audio, "rb").read() == open(b.audio, "rb").read()
+            assert Path(a.audio).read_bytes() == Path(b.audio).read_bytes()
     conditions = json.loads((corpus / "test_noisy_conditions.json").read_text())
     test = read_manifest(corpus / "test.jsonl").utterances
     assert set(conditions) == {u.id for u in test}
@@ -283,3 +284,45 @@ def test_degraded_test_splits_are_deterministic_and_degraded(corpus, tmp_path):
         clean, _ = sf.read(utterance.audio)
         noisy, _ = sf.read(corpus / "wav" / "test_noisy" / f"{utterance.id}.wav")
         assert noisy.shape == clean.shape and 0 <= conditions[utterance.id]["snr_db"] <= 20
+
+
+def test_musan_import_gives_a_noise_manifest_that_augmentation_reads(corpus, tmp_path, caplog):
+    from echoic.data.importers import import_corpus
+    from echoic.data.manifest import write_manifest
+
+    root = tmp_path / "musan"
+    for relative in ("noise/free-sound/noise-0001.wav", "music/jamendo/music-0001.wav"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / relative, colored_noise(RATE // 2, "pink", np.random.default_rng(0)), RATE)
+    (root / "noise" / "free-sound" / "noise-0002.wav").write_bytes(b"not audio")
+    with caplog.at_level(logging.WARNING):
+        noises = import_corpus("musan", root)
+    assert sorted(u.speaker for u in noises) == ["music", "noise"]
+    assert "left out 1 unreadable_audio" in caplog.text
+    write_manifest(tmp_path / "noise.jsonl", noises)
+    files_only = _augment(
+        reverb=None,
+        channel=None,
+        gain_db=None,
+        noise=NoiseConfig(prob=1.0, colored=0, babble=0, files=[str(tmp_path / "noise.jsonl")]),
+    )
+    loader = _loader(corpus, files_only)
+    noisy, clean = _features_by_id(loader), _features_by_id(_loader(corpus, None))
+    assert not loader.last_report.augment_failures
+    assert all(not torch.equal(noisy[k], clean[k]) for k in clean)
+
+
+def test_synth_degraded_only_adds_the_splits_to_an_existing_corpus(corpus, tmp_path, capsys):
+    import shutil
+
+    from echoic.cli import main
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy, ignore=shutil.ignore_patterns("*_noisy*", "*_tel*"))
+    assert main(["synth", "--out", str(copy), "--seed", "1", "--degraded-only"]) == 0
+    out = capsys.readouterr().out
+    assert "test_noisy.jsonl" in out and "dev_tel.jsonl" in out
+    for split in ("test_noisy", "test_tel", "dev_noisy", "dev_tel"):
+        assert len(read_manifest(copy / f"{split}.jsonl")) == len(
+            read_manifest(corpus / f"{split}.jsonl")
+        )

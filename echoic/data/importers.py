@@ -4,6 +4,8 @@
 - librispeech: a tree of <spk>/<chapter>/<spk>-<chapter>.trans.txt with .flac files
 - folder:      audio files with a same-named .txt transcript beside each
 - lhotse:      a lhotse CutSet manifest (needs the optional `lhotse` extra)
+- musan:       a MUSAN-style tree of noise recordings (<category>/**/*.wav, no text), as a
+               noise manifest for `data.augment.noise.files`
 
 Every importer reads audio headers for durations, so a missing or unreadable file
 is reported here, naming the line that points to it, instead of mid-training.
@@ -37,6 +39,7 @@ def import_corpus(
         "librispeech": import_librispeech,
         "folder": import_folder,
         "lhotse": import_lhotse,
+        "musan": import_musan,
     }
     if kind not in importers:
         raise EchoicError(f"unknown import format '{kind}' (allowed: {', '.join(importers)})")
@@ -250,6 +253,41 @@ def import_folder(root: Path) -> list[Utterance]:
             len(without_text),
             without_text[0],
         )
+    return utterances
+
+
+# -- MUSAN ---------------------------------------------------------------------------------
+
+
+def import_musan(root: Path) -> list[Utterance]:
+    """Every audio file under `root` as a noise entry: empty text, the top folder under
+    `root` (MUSAN's noise, music or speech) as `speaker`. Noise is not transcribed data,
+    so an unreadable or empty file is left out and counted instead of stopping the import."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    utterances: list[Utterance] = []
+    skipped: dict[str, list[Path]] = {}
+    for path in tqdm(files, desc="musan", unit="file", leave=False):
+        try:
+            duration = audio_info(str(path)).duration
+            if duration == 0:
+                raise AudioError("empty_audio", f"{path}: no audio samples")
+        except AudioError as error:
+            skipped.setdefault(error.reason, []).append(path)
+            continue
+        relative = path.relative_to(root)
+        utterances.append(
+            Utterance(
+                id="-".join(relative.with_suffix("").parts),
+                audio=str(path.resolve()),
+                text="",
+                duration=duration,
+                speaker=relative.parts[0] if len(relative.parts) > 1 else None,
+            )
+        )
+    if skipped:
+        counts = ", ".join(f"{len(paths)} {reason}" for reason, paths in sorted(skipped.items()))
+        first = next(iter(skipped.values()))[0]
+        log.warning("musan import: left out %s (e.g. %s)", counts, first)
     return utterances
 
 
