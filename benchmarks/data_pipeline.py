@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from echoic.config import from_dict
 from echoic.data.augment import (
     ChannelConfig,
     NoiseConfig,
@@ -115,13 +117,7 @@ AUGMENT_ROWS = {
     "noise colored": WaveformAugmentConfig(noise=NoiseConfig(prob=1.0, babble=0.0)),
     "noise babble": WaveformAugmentConfig(noise=NoiseConfig(prob=1.0, colored=0.0)),
     "channel": WaveformAugmentConfig(channel=ChannelConfig(prob=1.0)),
-    # recipes/synth_en/conf/robust.yaml's mix
-    "robust.yaml": WaveformAugmentConfig(
-        reverb=ReverbConfig(prob=0.15),
-        noise=NoiseConfig(prob=0.6, snr_db=[-5.0, 20.0]),
-        channel=ChannelConfig(prob=0.3),
-        gain_db=[-6.0, 6.0],
-    ),
+    "robust.yaml": "recipes/synth_en/conf/robust.yaml",  # read from the recipe
 }
 
 
@@ -135,6 +131,9 @@ def measure_augment(corpus: Path, max_frames: int, limit: int) -> list[dict]:
     tokenizer = CharTokenizer.train(u.text for u in manifest.utterances)
     rows = []
     for name, augment in AUGMENT_ROWS.items():
+        if isinstance(augment, str):
+            recipe = yaml.safe_load((Path(__file__).parent.parent / augment).read_text())
+            augment = from_dict(WaveformAugmentConfig, recipe["data"]["augment"], name)
         config = DataConfig(
             max_frames=max_frames, num_workers=0, spec_augment=None, augment=augment
         )
