@@ -212,13 +212,24 @@ def test_corrupt_and_empty_noise_files_are_skipped_and_counted(corpus, tmp_path,
     )
     with caplog.at_level(logging.INFO):
         loader = _loader(corpus, noise_only)
+        # The same with the feature cache: there the fill's workers meet the failures.
+        cached = _loader(
+            corpus,
+            WaveformAugmentConfig(copies=1, noise=noise_only.noise),
+            feature_cache=True,
+            num_workers=2,
+        )
         (folder / "good.wav").write_bytes(b"RIFF broken after the scan")  # fails at read time
         batches = list(loader)
+        cached_batches = list(cached)
     assert "noise sources: skipped 2" in caplog.text
     report = loader.last_report
     assert sum(b.size for b in batches) == report.utterances > 0  # nothing lost
     assert report.augment_failures == {"unreadable_audio": report.utterances}
     assert "augmentation not applied to" in caplog.text
+    entries = sum(b.size for b in cached_batches)
+    assert entries == report.utterances  # nothing lost with the cache either
+    assert f"feature cache: augmentation not applied to {entries} entries" in caplog.text
 
 
 def test_a_noise_file_is_read_from_a_random_segment_at_the_asked_snr(corpus, tmp_path):

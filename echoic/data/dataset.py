@@ -206,7 +206,6 @@ class AsrDataset:
             if augment and config.augment is not None
             else None
         )
-        self.fill_failures: Counter[str] = Counter()  # augmentation failures in fill_cache
 
     @property
     def cache_bytes(self) -> int:
@@ -234,18 +233,16 @@ class AsrDataset:
                 raise AudioError(EMPTY_TEXT, "empty transcript")
             tokens = self.tokenizer.encode(utterance.text)
             unknown.update(self.tokenizer.unknown_chars(utterance.text))
-        factor = self._speed_factor(utterance, epoch)
-        copy = self._augment_copy(utterance, epoch)
-        key = (utterance.id, factor or 1.0, copy or 0)
+        factor, copy, key = self._variant(utterance, epoch)
         cached = self.cache.get(key) if self.cache is not None else None
         if cached is not None:
             array, seconds = cached
         else:
             array, seconds, failed = self._features(utterance, epoch, factor, copy)
             failures += failed
-        if self.cache is not None and cached is None:
-            array.setflags(write=False)  # shared by every later epoch: never edit in place
-            self.cache[key] = (array, seconds)
+            if self.cache is not None:
+                array.setflags(write=False)  # shared by every later epoch: never edit in place
+                self.cache[key] = (array, seconds)
         item = {"id": utterance.id, "text": utterance.text, "tokens": tokens, "duration": seconds}
         if spec.kind == "waveform":
             item["audio"] = array
@@ -262,6 +259,15 @@ class AsrDataset:
         if not self.augment or len(speeds) == 1:
             return None
         return float(make_rng(self.seed, epoch, utterance.id, "speed").choice(speeds))
+
+    def _variant(
+        self, utterance, epoch: int
+    ) -> tuple[float | None, int | None, tuple[str, float, int]]:
+        """The utterance's speed factor and augmented copy in `epoch`, and the feature
+        cache's key for that pair."""
+        factor = self._speed_factor(utterance, epoch)
+        copy = self._augment_copy(utterance, epoch)
+        return factor, copy, (utterance.id, factor or 1.0, copy or 0)
 
     def _augment_copy(self, utterance, epoch: int) -> int | None:
         """Which of `augment.copies` fixed augmented versions `epoch` uses; None when each
@@ -288,9 +294,7 @@ class AsrDataset:
         for plan in plans:
             for index in plan.utterances:
                 utterance = self.manifest.utterances[index]
-                factor = self._speed_factor(utterance, plan.epoch)
-                copy = self._augment_copy(utterance, plan.epoch)
-                key = (utterance.id, factor or 1.0, copy or 0)
+                factor, copy, key = self._variant(utterance, plan.epoch)
                 if key not in self.cache:
                     wanted[key] = (index, plan.epoch, factor, copy)
         if not wanted:
@@ -299,7 +303,7 @@ class AsrDataset:
         _FILLING = self  # forked workers read it instead of unpickling the dataset
         work = list(wanted.items())
         chunks = [work[i : i + FILL_CHUNK] for i in range(0, len(work), FILL_CHUNK)]
-        added = 0
+        added, failures, example = 0, Counter(), ""
         try:
             results = fork_map(
                 _fill_chunk,
@@ -315,11 +319,18 @@ class AsrDataset:
                     self.cache[key] = (array, seconds)
                     added += 1
                     for reason, message in failed:
-                        self.fill_failures[reason] += 1
-                        if self.fill_failures[reason] == 1:
-                            log.warning("augmentation not applied to %s: %s", key[0], message)
+                        failures[reason] += 1
+                        example = example or f"{key[0]}: {message}"
         finally:
             _FILLING = None
+        if failures:
+            parts = ", ".join(f"{n} {reason}" for reason, n in sorted(failures.items()))
+            log.warning(
+                "feature cache: augmentation not applied to %d entries (%s; first: %s)",
+                sum(failures.values()),
+                parts,
+                example,
+            )
         return added
 
     def _features(

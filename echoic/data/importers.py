@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from echoic.data.audio import audio_info
+from echoic.data.audio import EMPTY, audio_info
 from echoic.data.manifest import Utterance
 from echoic.data.text import normalize_text
 from echoic.errors import AudioError, EchoicError, ManifestError
@@ -270,7 +270,7 @@ def import_musan(root: Path) -> list[Utterance]:
         try:
             duration = audio_info(str(path)).duration
             if duration == 0:
-                raise AudioError("empty_audio", f"{path}: no audio samples")
+                raise AudioError(EMPTY, f"{path}: no audio samples")
         except AudioError as error:
             skipped.setdefault(error.reason, []).append(path)
             continue

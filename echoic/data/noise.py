@@ -87,16 +87,14 @@ def scan_noise_files(locations: list[str], report: SourceReport) -> list[NoiseFi
     for location in locations:
         for path in audio_files(location):
             try:
-                info = sf.info(path)
-                if info.frames == 0:
+                info = audio_io.audio_info(path)
+                frames = round(info.duration * info.sample_rate)
+                if frames == 0:
                     raise AudioError(audio_io.EMPTY, f"{path}: no audio samples")
             except AudioError as error:
                 report.add(error)
                 continue
-            except (RuntimeError, ValueError, OSError, TypeError) as error:
-                report.add(AudioError(audio_io.UNREADABLE, f"cannot read audio {path}: {error}"))
-                continue
-            files.append(NoiseFile(path, info.frames, info.samplerate))
+            files.append(NoiseFile(path, frames, info.sample_rate))
     return files
 
 
@@ -108,6 +106,16 @@ def loop_segment(clip: np.ndarray, length: int, rng: np.random.Generator) -> np.
     start = int(rng.integers(0, clip.shape[0]))
     repeats = math.ceil((length + start) / clip.shape[0])
     return np.tile(clip, repeats)[start : start + length]
+
+
+def babble(length: int, pool: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """3-6 utterances of `pool`, each from a random start (looped) and equally loud, summed."""
+    talkers = int(rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1))
+    mixed = np.zeros(length)
+    for _ in range(talkers):
+        segment = loop_segment(pool[int(rng.integers(len(pool)))], length, rng)
+        mixed += segment / math.sqrt(power(segment) or 1.0)
+    return mixed
 
 
 class NoiseBank:
@@ -131,27 +139,18 @@ class NoiseBank:
             "files": config.files_weight if files else 0.0,
         }
         self.kinds = [kind for kind, weight in weights.items() if weight > 0]
-        total = sum(weights[k] for k in self.kinds)
-        self.probabilities = [weights[k] / total for k in self.kinds]
         if not self.kinds:
             raise EchoicError("noise augmentation has no usable source (all files skipped?)")
+        total = sum(weights[k] for k in self.kinds)
+        self.probabilities = [weights[k] / total for k in self.kinds]
 
     def draw(self, length: int, rng: np.random.Generator) -> np.ndarray:
         kind = self.kinds[int(rng.choice(len(self.kinds), p=self.probabilities))]
         if kind == "colored":
             return colored_noise(length, COLOURS[int(rng.integers(len(COLOURS)))], rng)
         if kind == "babble":
-            return self._babble(length, rng)
+            return babble(length, self.babble_pool, rng)
         return self._file_segment(length, rng)
-
-    def _babble(self, length: int, rng: np.random.Generator) -> np.ndarray:
-        talkers = int(rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1))
-        mixed = np.zeros(length)
-        for _ in range(talkers):
-            clip = self.babble_pool[int(rng.integers(len(self.babble_pool)))]
-            segment = loop_segment(clip, length, rng)
-            mixed += segment / math.sqrt(power(segment) or 1.0)  # each talker equally loud
-        return mixed
 
     def _file_segment(self, length: int, rng: np.random.Generator) -> np.ndarray:
         noise = self.files[int(rng.integers(len(self.files)))]

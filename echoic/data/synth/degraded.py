@@ -27,7 +27,7 @@ import soundfile as sf
 from echoic.data.audio import load_audio
 from echoic.data.augment import colored_noise, mix_at_snr, power, telephone
 from echoic.data.manifest import Utterance, read_manifest, write_manifest
-from echoic.data.noise import loop_segment
+from echoic.data.noise import COLOURS, babble
 from echoic.seeding import make_rng
 
 SOURCE_SPLITS = ("test", "dev")
@@ -62,14 +62,6 @@ def music(length: int, sample_rate: int, rng: np.random.Generator) -> np.ndarray
     return out
 
 
-def _babble(length: int, others: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    mixed = np.zeros(length)
-    for _ in range(int(rng.integers(3, 7))):
-        segment = loop_segment(others[int(rng.integers(len(others)))], length, rng)
-        mixed += segment / math.sqrt(power(segment) or 1.0)
-    return mixed
-
-
 def _write(path: Path, samples: np.ndarray, sample_rate: int) -> None:
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak > PEAK:
@@ -102,11 +94,11 @@ def _write_degraded(out_dir: Path, source: str, seed: int, sample_rate: int) -> 
         kind = NOISE_KINDS[int(rng.integers(len(NOISE_KINDS)))]
         snr = float(rng.uniform(*SNR_DB))
         if kind == "colored":
-            noise = colored_noise(clean.shape[0], ("white", "pink", "brown")[rng.integers(3)], rng)
+            noise = colored_noise(clean.shape[0], COLOURS[int(rng.integers(len(COLOURS)))], rng)
         elif kind == "babble":
             pool = [i for i in ids if i != utterance.id] or [utterance.id]
             others = [audio[i] for i in rng.choice(pool, min(7, len(pool)), replace=False)]
-            noise = _babble(clean.shape[0], others, rng)
+            noise = babble(clean.shape[0], others, rng)
         elif kind == "hum":
             noise = hum(clean.shape[0], sample_rate, rng)
         else:
