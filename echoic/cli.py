@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--degraded-only",
         action="store_true",
-        help="only add test_noisy.jsonl and test_tel.jsonl (written by every synth) to the "
+        help="only add the noisy and telephone copies of test and dev (test_noisy.jsonl, "
+        "test_tel.jsonl, dev_noisy.jsonl, dev_tel.jsonl; every synth writes them) to the "
         "existing corpus in --out",
     )
     synth.set_defaults(run=_synth)
