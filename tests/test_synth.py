@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +16,7 @@ from conftest import needs_synth
 
 from echoic.cli import main
 from echoic.data.manifest import read_manifest
+from echoic.data.synth import corpus
 from echoic.data.synth.corpus import (
     lm_text,
     plan_corpus,
@@ -25,6 +27,7 @@ from echoic.data.synth.corpus import (
 from echoic.data.synth.overlap import OverlapIndex, StretchIndex
 from echoic.data.synth.text_source import english_sentence, english_sentences, mandarin_sentences
 from echoic.data.synth.voices import ENGLISH_VOICES, MANDARIN_VOICES, check_voices
+from echoic.data.workers import WorkerError
 from echoic.errors import EchoicError
 
 
@@ -34,6 +37,19 @@ def _same_tree(a: Path, b: Path) -> bool:
     if files_a != files_b:
         return False
     return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+@needs_synth
+def test_a_synthesizer_worker_that_dies_is_a_one_line_error_not_a_hang(tmp_path, monkeypatch):
+    # multiprocessing.Pool waits forever for the result of a worker the kernel killed
+    # (out of memory); fork_map names the worker and how it stopped.
+    def killed(job):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(corpus, "_synthesize_chunk", killed)
+    monkeypatch.setattr(corpus, "check_voices", lambda voices, lang: list(voices))
+    with pytest.raises(WorkerError, match=r"synth.*SIGKILL"):
+        synthesize_corpus(tmp_path, num_utts=30, seed=0, jobs=2, progress=False)
 
 
 @needs_synth

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import tempfile
 from collections import Counter
@@ -34,6 +33,7 @@ from echoic.data.synth.degraded import write_degraded_tests
 from echoic.data.synth.overlap import NEAR_DUPLICATE_UNITS, OverlapIndex, StretchIndex, units
 from echoic.data.synth.text_source import sentences
 from echoic.data.synth.voices import Voice, check_voices, espeak_audio, festival_audio, voices_for
+from echoic.data.workers import fork_map
 from echoic.errors import EchoicError
 from echoic.seeding import make_rng
 
@@ -392,16 +392,12 @@ def synthesize_corpus(
     work = [(chunk, str(out_dir), seed, noise_snr) for chunk in _chunks(plans)]
     lengths: dict[str, int] = {}
     with tqdm(total=len(plans), desc=f"synth {lang}", unit="utt", disable=not progress) as bar:
-        if jobs == 1:
-            results = map(_synthesize_chunk, work)
-            for written in results:
-                lengths.update(written)
-                bar.update(len(written))
-        else:
-            with multiprocessing.get_context("fork").Pool(jobs) as pool:
-                for written in pool.imap_unordered(_synthesize_chunk, work):
-                    lengths.update(written)
-                    bar.update(len(written))
+        # fork_map, not multiprocessing.Pool: a synthesizer worker that dies (out of
+        # memory, a crash inside festival) is a one-line error here, where Pool waits
+        # for its result forever.
+        for written in fork_map(_synthesize_chunk, work, jobs, name="synth"):
+            lengths.update(written)
+            bar.update(len(written))
     summary = _write_manifests(out_dir, plans, lengths, lang, splits)
     summary["degraded"] = write_degraded_tests(out_dir, seed, SAMPLE_RATE)
     text = lm_text(plans, lang, excluded_words=set(hotwords + distractors), domain=domain)
