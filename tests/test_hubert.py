@@ -31,6 +31,7 @@ from echoic.models.layers import strided_lengths
 from echoic.models.ssl import _normalize
 from echoic.seeding import make_rng
 from echoic.train.config import load_experiment, parse_experiment
+from echoic.train.probe import effective_rank
 from echoic.train.trainer import Trainer
 
 TINY_BACKBONE = {
@@ -203,6 +204,28 @@ def test_hubert_keeps_the_metrics_contract_in_train_and_eval():
         assert math.isfinite(output.metrics["loss_m"].value)
 
 
+def test_the_feature_extractor_gets_its_own_learning_rate_when_asked():
+    assert [g["name"] for g in _model().parameter_groups()] == ["model"]
+    model = _model(extractor_lr_scale=0.1)
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    extractor = {id(p) for p in model.backbone.feature_extractor.parameters()}
+    assert groups["feature_extractor"]["lr_scale"] == 0.1
+    assert {id(p) for p in groups["feature_extractor"]["params"]} == extractor
+    everything = [p for g in groups.values() for p in g["params"]]
+    assert len(everything) == len({id(p) for p in everything}) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="extractor_lr_scale"):
+        HubertPretrainConfig(extractor_lr_scale=0.0)
+
+
+def test_the_mask_embedding_starts_small_when_asked():
+    default = _model().backbone.masked_spec_embed
+    assert float(default.min()) >= 0.0 and 0.3 < float(default.mean()) < 0.7  # uniform [0, 1)
+    small = _model(mask_embedding_std=0.02).backbone.masked_spec_embed
+    assert abs(float(small.mean())) < 0.02 and 0.005 < float(small.std()) < 0.04
+    with pytest.raises(ValueError, match="mask_embedding_std"):
+        HubertPretrainConfig(mask_embedding_std=-1.0)
+
+
 def test_padding_never_changes_an_utterance():
     model = _model().eval()
     batch = _batch([8000, 16000])
@@ -367,7 +390,25 @@ def test_a_stop_request_ends_the_probe_at_once(corpus, lang):
     assert probe.run(model, torch.device("cpu"), should_stop=lambda: True) is None
     assert model.training  # left as it was
     values = probe.run(model, torch.device("cpu"))
-    assert set(values) == {"probe_wer", "probe_cer", "probe_train_loss", "probe_seconds"}
+    assert set(values) == {
+        "probe_wer",
+        "probe_cer",
+        "probe_rank",
+        "probe_train_loss",
+        "probe_seconds",
+    }
+
+
+def test_effective_rank_reads_dimensions_used_not_dimensions_present():
+    g = torch.Generator().manual_seed(0)
+    spread = [torch.randn(500, 16, generator=g), torch.randn(300, 16, generator=g)]
+    assert 14.0 < effective_rank(spread) <= 16.0
+    direction = torch.randn(16, generator=g)
+    # One varying direction under a large constant offset (what a collapsed upstream's
+    # frames look like) and a little noise: about 1, whatever the width.
+    noise = 0.01 * torch.randn(800, 16, generator=g)
+    collapsed = [5.0 + torch.randn(800, 1, generator=g) * direction + noise]
+    assert effective_rank(collapsed) < 1.1
 
 
 def test_ctc_forced_alignment_finds_the_obvious_path():

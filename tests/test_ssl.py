@@ -183,6 +183,27 @@ def test_a_padded_utterance_gives_the_features_it_gives_alone(tmp_path, kind, se
     assert trained and all(p.grad is not None for p in trained)
 
 
+def test_utterance_cmvn_centres_and_scales_each_dimension_over_its_own_frames(tmp_path):
+    folder = save_tiny_upstream(
+        tmp_path / "stable", "wav2vec2", 32, feat_extract_norm="layer", do_stable_layer_norm=True
+    )
+    frontend = SslFrontend(SslFrontendConfig(path=str(folder), utterance_cmvn=True)).eval()
+    long, short = 16000, 9000
+    audio = torch.randn(2, long, generator=torch.Generator().manual_seed(0)) * 0.1
+    audio[1, short:] = 0.0
+    batch = _waveform_batch(audio, torch.tensor([long, short]))
+    with torch.no_grad():
+        features, lens = frontend(batch)
+        alone, _ = frontend(_waveform_batch(audio[1:, :short], torch.tensor([short])))
+    for row, n in enumerate(lens.tolist()):
+        mine = features[row, :n]
+        torch.testing.assert_close(mine.mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+        torch.testing.assert_close(mine.var(0, unbiased=False), torch.ones(32), atol=1e-3, rtol=0)
+        assert not features[row, n:].any()  # padding stays zero
+    # Padding changes nothing: the short utterance alone gives the same features.
+    torch.testing.assert_close(features[1, : int(lens[1])], alone[0], atol=1e-4, rtol=1e-4)
+
+
 def _waveform_batch(audio: torch.Tensor, lengths: torch.Tensor, ids=None) -> Batch:
     ids = ids or [f"u{i}" for i in range(len(lengths))]
     return Batch(

@@ -149,8 +149,10 @@ class FeatureExtractor:
 
         with torch.inference_mode():
             audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
-            states, _ = self.frontend.hidden_states(audio, torch.tensor([audio.shape[1]]))
-            feats = self.frontend.combine(states)[0]
+            states, frame_lens = self.frontend.hidden_states(
+                audio, torch.tensor([audio.shape[1]])
+            )
+            feats = self.frontend.combine(states, frame_lens)[0]
         # Pad or cut to the label count (an extractor with another receptive field may
         # give one frame more or less at the end).
         frames = unit_frames(len(samples))

@@ -86,6 +86,14 @@ class HubertPretrainConfig:
     logit_temp: float = 0.1  # cosine similarity / logit_temp
     masked_weight: float = 1.0  # loss_m's weight in loss
     unmasked_weight: float = 0.0  # loss_u's weight (HuBERT Base: 0)
+    # The convolutional feature extractor's learning rate relative to the rest. fairseq
+    # scales its gradient by 0.1 (feature_grad_mult), which Adam's normalised update
+    # undoes; a smaller rate is what slows it down.
+    extractor_lr_scale: float = 1.0
+    # The learned vector that replaces masked frames starts as normal(0, this std);
+    # None keeps transformers' uniform [0, 1), whose shared mean of 0.5 is large beside
+    # features from std-0.02 layers (RMS 0.16 for a 64-channel extractor)
+    mask_embedding_std: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_prob <= 1.0 or self.mask_length < 1:
@@ -96,6 +104,10 @@ class HubertPretrainConfig:
             raise ValueError("loss weights must not be negative")
         if self.masked_weight + self.unmasked_weight == 0:
             raise ValueError("masked_weight and unmasked_weight are both 0: nothing to learn")
+        if self.extractor_lr_scale <= 0:
+            raise ValueError("extractor_lr_scale must be positive")
+        if self.mask_embedding_std is not None and self.mask_embedding_std < 0:
+            raise ValueError("mask_embedding_std must not be negative")
 
 
 def hf_config(config: HubertBackboneConfig):
@@ -245,6 +257,8 @@ class HubertPretrainModel(nn.Module):
         self.config = config
         self.num_units = num_units
         self.backbone = transformers.HubertModel(hf_config(config.backbone))
+        if config.mask_embedding_std is not None:
+            nn.init.normal_(self.backbone.masked_spec_embed, std=config.mask_embedding_std)
         conv_layers = tuple((k, s) for _, k, s in config.backbone.conv_layers)
         self.frontend = _Waveform(conv_layers)
         self.encoder = _EncoderView(self.backbone)
@@ -266,7 +280,16 @@ class HubertPretrainModel(nn.Module):
         """Nothing changes with the step."""
 
     def parameter_groups(self) -> list[dict]:
-        return [{"params": list(self.parameters()), "lr_scale": 1.0, "name": "model"}]
+        scale = self.config.extractor_lr_scale
+        if scale == 1.0:
+            return [{"params": list(self.parameters()), "lr_scale": 1.0, "name": "model"}]
+        extractor = list(self.backbone.feature_extractor.parameters())
+        inside = {id(p) for p in extractor}
+        rest = [p for p in self.parameters() if id(p) not in inside]
+        return [
+            {"params": rest, "lr_scale": 1.0, "name": "model"},
+            {"params": extractor, "lr_scale": scale, "name": "feature_extractor"},
+        ]
 
     def token_indexed_parameters(self) -> list[str]:
         return []  # label embeddings are indexed by cluster, which no tokenizer remaps

@@ -5,7 +5,8 @@ Every `every_steps` optimizer steps (and at step 0 of a new run), the model's fe
 (`model.probe_features`: a HuBERT model's hidden state, no masking, eval mode, no
 gradient) are computed for a fixed labelled subset, a small CTC head (two 1-D convolutions
 and a linear layer, or a linear layer alone) is trained on them for a fixed number of steps,
-and greedy CTC on a fixed dev subset gives `probe_wer` and `probe_cer`. They are written
+and greedy CTC on a fixed dev subset gives `probe_wer` and `probe_cer`; `probe_rank` is the
+effective rank of the subset's features (see `effective_rank`). They are written
 to metrics.jsonl (split "probe") and TensorBoard next to the losses, and `echoic plot`
 draws them on the loss chart.
 
@@ -39,6 +40,8 @@ from echoic.errors import AudioError, EchoicError
 from echoic.score import score_texts
 
 log = logging.getLogger(__name__)
+
+RANK_FRAMES = 20000  # frames the effective rank is computed on (an SVD of at most this many)
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ class Probe:
         return {
             "probe_wer": report.words.rate,
             "probe_cer": report.chars.rate,
+            "probe_rank": effective_rank(train_feats),
             "probe_train_loss": loss,
             "probe_seconds": time.perf_counter() - started,
         }
@@ -268,6 +272,19 @@ class Probe:
 
 class _Stopped(Exception):
     """A stop request arrived during the probe."""
+
+
+def effective_rank(feats: list[torch.Tensor], max_frames: int = RANK_FRAMES) -> float:
+    """exp of the entropy of the normalised singular-value energies of the frames
+    (up to `max_frames`, centred): about D for features that use all D dimensions
+    alike, 1 for features that vary along one direction only. A pretraining run whose
+    features collapse shows it here long before its loss says anything."""
+    frames = torch.cat(feats)[:max_frames].double()
+    frames = frames - frames.mean(0)
+    energy = torch.linalg.svdvals(frames).square()
+    share = energy / energy.sum().clamp(min=1e-300)
+    entropy = -(share * share.clamp(min=1e-300).log()).sum()
+    return float(entropy.exp())
 
 
 def _pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -856,10 +856,12 @@ class Trainer:
             else:
                 self.metrics_log.write({"split": "probe", "step": self.step, **values})
                 log.info(
-                    "probe at step %d: WER %.2f%%, CER %.2f%% (head loss %.3f, %.1f s)",
+                    "probe at step %d: WER %.2f%%, CER %.2f%%, feature rank %.1f "
+                    "(head loss %.3f, %.1f s)",
                     self.step,
                     100 * values["probe_wer"],
                     100 * values["probe_cer"],
+                    values["probe_rank"],
                     values["probe_train_loss"],
                     values["probe_seconds"],
                 )
