@@ -254,7 +254,9 @@ def test_old_configs_with_subsampling_4_resume_and_spec_augment_is_refused(
 ):
     from echoic.train.config import breaking_changes, parse_experiment
 
-    raw = yaml.safe_load(Path("recipes/synth_en/conf/demo.yaml").read_text())
+    raw = yaml.safe_load(
+        (Path(__file__).parents[1] / "recipes/synth_en/conf/demo.yaml").read_text()
+    )
     new = parse_experiment(raw)
     raw["model"]["encoder"]["conformer"]["subsampling"] = 4  # as configs saved before `auto`
     assert breaking_changes(parse_experiment(raw), new) == {}
