@@ -149,9 +149,7 @@ class FeatureExtractor:
 
         with torch.inference_mode():
             audio = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
-            states, frame_lens = self.frontend.hidden_states(
-                audio, torch.tensor([audio.shape[1]])
-            )
+            states, frame_lens = self.frontend.hidden_states(audio, torch.tensor([audio.shape[1]]))
             feats = self.frontend.combine(states, frame_lens)[0]
         # Pad or cut to the label count (an extractor with another receptive field may
         # give one frame more or less at the end).
