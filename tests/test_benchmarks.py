@@ -125,3 +125,24 @@ def test_encoder_recipe_rows_measure_the_recipes_conformer():
     args = argparse.Namespace(recipe=str(recipe), checkpointing=False, positional="rel_pos")
     encoder = bench.build("echoic", args)
     assert (encoder.output_dim, len(encoder.blocks), encoder.positional) == (96, 4, "rope")
+
+
+def test_ssl_rank_reports_every_stage_of_an_upstream(tmp_path):
+    import torch
+    from conftest import save_tiny_upstream
+
+    folder = save_tiny_upstream(tmp_path / "hubert", "hubert", 32)
+    generator = torch.Generator().manual_seed(0)
+    waveforms = [torch.randn(n, generator=generator) * 0.1 for n in (16000, 9000)]
+    row = _load("ssl_rank").stage_ranks(str(folder), waveforms)
+    stages = row["stages"]
+    assert list(stages)[:3] == ["conv_extractor", "projection", "positional_conv"]
+    assert [name for name in stages if name.startswith("hidden_")] == [
+        "hidden_0",
+        "hidden_1",
+        "hidden_2",
+    ]
+    assert row["frames"] == 49 + 27  # 20 ms frames (25 ms window) of 1 s and 0.5625 s
+    for stage in stages.values():
+        assert 1.0 <= stage["effective_rank"] <= stage["width"] and stage["rms"] > 0
+    json.dumps(row)  # printable as it is
