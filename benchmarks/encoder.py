@@ -6,9 +6,10 @@ and min / max over all timed steps of all rounds) and peak_mb (rise of ru_maxrss
 the state after the model and input exist; median over rounds).
 
 Rows: echoic, and with --wenet-root pointing at a WeNet checkout (outside this
-repository) WeNet's ConformerEncoder of the same size (rel_pos, macaron, batch-norm
-conv module, dropout 0.1), imported with the anchor script `wenet_import.py` from
---anchors, with its `use_sdpa` switch off (`wenet`) and on (`wenet_sdpa`). Each row
+repository) WeNet's ConformerEncoder of the same size (rel_pos, or with --positional
+rope its rope_pos + rope_abs_selfattn; macaron, batch-norm conv module, dropout 0.1),
+imported with the anchor script `wenet_import.py` from --anchors, with its `use_sdpa`
+switch off (`wenet`) and on (`wenet_sdpa`). Each row
 runs at every --precision (fp32, and bf16 = CPU autocast, the same context for both
 toolkits); a bf16 row's name ends in `_bf16`. --compile adds `echoic_compiled` rows
 (each block compiled as `train.compile: true` does). --recipe YAML measures that
@@ -47,6 +48,7 @@ import torch
 import yaml
 
 from echoic.models.encoders import ConformerConfig, Encoder
+from echoic.models.layers import rotary_tables
 from echoic.train.compiled import compile_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
@@ -65,7 +67,12 @@ def build(impl: str, args) -> torch.nn.Module:
         import wenet_import
 
         encoder_class, _, _ = wenet_import.load_conformer_encoder(args.wenet_root)
-        return encoder_class(**dict(wenet_import.CONFIG_12x256, use_sdpa=WENET_ROWS[impl]))
+        config = dict(wenet_import.CONFIG_12x256, use_sdpa=WENET_ROWS[impl])
+        if args.positional == "rope":  # WeNet's own rotary attention, same model as echoic's
+            config.update(
+                pos_enc_layer_type="rope_pos", selfattention_layer_type="rope_abs_selfattn"
+            )
+        return encoder_class(**config)
     if args.recipe:  # a recipe's encoder, as it trains
         recipe = yaml.safe_load(Path(args.recipe).read_text())
         config = ConformerConfig(**recipe["model"]["encoder"]["conformer"])
@@ -130,7 +137,10 @@ def components(model: torch.nn.Module, impl: str, feats, lengths) -> dict[str, f
         frames = int(model.subsampling.output_lengths(lengths)[0])
         x = torch.randn(BATCH, frames, model.output_dim, requires_grad=True)
         valid = torch.ones(BATCH, frames, dtype=torch.bool)
-        positions = model.relative_positions(frames, x.device)
+        if model.positional == "rope":
+            positions = rotary_tables(frames, block.attn.head_dim, x.device)
+        else:
+            positions = model.relative_positions(frames, x.device)
         parts = {
             "subsampling": (lambda: model.subsampling(feats, lengths), 1),
             "feed_forward": (lambda: block.ff_in(block.ff_in_norm(x)), 2 * per_block),

@@ -72,9 +72,10 @@ CONFIG_12x256 = {"input_size": 80}
 
 
 class Fake(torch.nn.Module):
-    def __init__(self, input_size, use_sdpa):
+    def __init__(self, input_size, use_sdpa, **config):
         super().__init__()
         self.use_sdpa = use_sdpa
+        self.config = config
 
 
 def load_conformer_encoder(root):
@@ -88,8 +89,14 @@ def test_encoder_wenet_rows_set_use_sdpa(tmp_path, monkeypatch, row, use_sdpa):
     (tmp_path / "wenet_import.py").write_text(FAKE_ANCHOR)
     monkeypatch.setattr(sys, "path", list(sys.path))  # build() prepends the anchors folder
     monkeypatch.delitem(sys.modules, "wenet_import", raising=False)
-    args = argparse.Namespace(anchors=str(tmp_path), wenet_root=str(tmp_path))
+    args = argparse.Namespace(anchors=str(tmp_path), wenet_root=str(tmp_path), positional="rel_pos")
     assert bench.build(row, args).use_sdpa is use_sdpa
+    assert bench.build(row, args).config == {}  # the anchor's own rel_pos config
+    args.positional = "rope"  # WeNet's rotary attention, the same model as echoic's rope
+    assert bench.build(row, args).config == {
+        "pos_enc_layer_type": "rope_pos",
+        "selfattention_layer_type": "rope_abs_selfattn",
+    }
     assert row in bench.SDPA_MODES["both"]
     assert bench.split_row(row + "_bf16") == (row, "bf16")
     assert bench.split_row(row) == (row, "fp32")
