@@ -48,7 +48,6 @@ import torch
 import yaml
 
 from echoic.models.encoders import ConformerConfig, Encoder
-from echoic.models.layers import rotary_tables
 from echoic.train.compiled import compile_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
@@ -137,10 +136,7 @@ def components(model: torch.nn.Module, impl: str, feats, lengths) -> dict[str, f
         frames = int(model.subsampling.output_lengths(lengths)[0])
         x = torch.randn(BATCH, frames, model.output_dim, requires_grad=True)
         valid = torch.ones(BATCH, frames, dtype=torch.bool)
-        if model.positional == "rope":
-            positions = rotary_tables(frames, block.attn.head_dim, x.device)
-        else:
-            positions = model.relative_positions(frames, x.device)
+        positions = model.attention_positions(frames, x.device, x.dtype)
         parts = {
             "subsampling": (lambda: model.subsampling(feats, lengths), 1),
             "feed_forward": (lambda: block.ff_in(block.ff_in_norm(x)), 2 * per_block),

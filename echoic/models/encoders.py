@@ -371,6 +371,18 @@ class Encoder(nn.Module):
         # trainer sets (train.gradient_checkpointing), not part of the architecture.
         self.gradient_checkpointing = False
 
+    def attention_positions(
+        self, frames: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """What every block's attention takes as `positions` for `frames` encoder frames:
+        the (2T-1, D) relative encodings for rel_pos, the (cos, sin) tables for rope,
+        None for absolute (added to the input instead)."""
+        if self.positional == "rel_pos":
+            return self.relative_positions(frames, device).to(dtype)
+        if self.positional == "rope":
+            return rotary_tables(frames, self.config.d_model // self.config.num_heads, device)
+        return None
+
     def forward(
         self, feats: torch.Tensor, lengths: torch.Tensor, static: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,13 +397,9 @@ class Encoder(nn.Module):
         x, lengths = self.subsampling(feats, lengths)
         _, frames, d_model = x.shape
         x = x * math.sqrt(d_model)
-        positions = None
         if self.positional == "absolute":
             x = x + sinusoids(torch.arange(frames, device=x.device), d_model).to(x.dtype)
-        elif self.positional == "rel_pos":
-            positions = self.relative_positions(frames, x.device).to(x.dtype)
-        elif self.positional == "rope":
-            positions = rotary_tables(frames, d_model // self.config.num_heads, x.device)
+        positions = self.attention_positions(frames, x.device, x.dtype)
         x = self.input_dropout(x)
         valid = lengths_to_mask(lengths, frames)
         # No mask at all when nothing is padded lets SDPA take its fastest path.
