@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 lint: python
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # Two test processes of one thread each: most tests are small models, subprocesses and
 # waits, which one process leaves a core idle for. Tests that share a trained model run

@@ -42,17 +42,18 @@ from echoic.decode.decoder import (
 )
 from echoic.decode.export import ONNX_FILE, ONNX_INT8_FILE, export_model, quantize_onnx
 from echoic.decode.run import ONNX_METHODS, decode_manifest
+from echoic.models.contract import TakesHotwords
 from echoic.score import score_files
 
 
 def _biased(method: str) -> bool:
     """Whether the method takes a prefix scorer (hotwords, word LM)."""
-    return METHODS[method][2]
+    return METHODS[method][1]
 
 
 def _takes_hotwords(method: str, model) -> bool:
     """A prefix scorer's hotword graph, or a contextual Paraformer's hotword list."""
-    return _biased(method) or (method == "paraformer" and getattr(model, "takes_hotwords", False))
+    return _biased(method) or (method == "paraformer" and isinstance(model, TakesHotwords))
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def build(impl: str, args) -> torch.nn.Module:
         )
     encoder = Encoder(config, input_dim=FEATURES)
     encoder.gradient_checkpointing = args.checkpointing
-    if impl == "echoic_compiled" and not compile_blocks(encoder, torch.device("cpu")):
+    if impl == "echoic_compiled" and not compile_blocks(list(encoder.blocks), torch.device("cpu")):
         raise SystemExit("torch.compile is unavailable here (see the warning above)")
     return encoder
 

@@ -30,8 +30,8 @@ import torch
 import yaml
 
 from echoic.config import from_dict
-from echoic.data.units import fit_kmeans, inertia, mfcc_units_features, unit_frames
 from echoic.models.hubert import HubertPretrainConfig, HubertPretrainModel
+from echoic.pretrain.units import fit_kmeans, inertia, mfcc_units_features, unit_frames
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes/synth_hubert/conf/pretrain_it1.yaml"
 
@@ -50,7 +50,7 @@ def pretrain_row(args, precision: str) -> dict:
     frames = unit_frames(samples)
     tokens = torch.randint(2, 2 + args.k, (args.batch, frames), generator=generator).to(device)
 
-    from echoic.data.dataset import Batch
+    from echoic.data.batch import Batch
 
     batch = Batch(
         epoch=0, index=0, ids=[f"u{i}" for i in range(args.batch)], texts=[""] * args.batch,

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
+from echoic.models.asr import AsrConfig
 from echoic.models.encoders import ConformerConfig, EncoderConfig
 from echoic.models.frontend import FrontendConfig
 from echoic.models.heads.ctc import CtcConfig
-from echoic.models.model import ModelConfig, build_model
+from echoic.models.model import build_model
 from echoic.models.ssl import SslFrontendConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
@@ -85,7 +86,7 @@ def worker(args) -> dict:
     ssl = dict(MODES[args.impl], path=args.upstream)
     if args.impl == "frozen_cache":
         ssl["cache"] = args.cache
-    config = ModelConfig(
+    config = AsrConfig(
         frontend=FrontendConfig(ssl=SslFrontendConfig(**ssl)),
         encoder=EncoderConfig(
             conformer=ConformerConfig(

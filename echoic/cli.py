@@ -111,7 +111,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _kmeans(args: argparse.Namespace) -> None:
-    from echoic.data.units import kmeans_units
+    from echoic.pretrain.units import kmeans_units
 
     result = kmeans_units(
         args.manifest,

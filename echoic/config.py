@@ -4,6 +4,10 @@ A config is a tree of dataclasses with type hints. Loading checks every key and
 value against those hints: an unknown key, a missing required key or a value of
 the wrong type is a one-line `ConfigError` naming the key, its section and the
 allowed keys (with a did-you-mean). Nothing is read with a silent default.
+
+A section that is a choice among several dataclasses (the `model` section: one model
+family's config) defines a classmethod `parse_section(data, where)` that picks the
+dataclass and builds it with `from_dict`.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
         raise ConfigError(
             f"'{where or 'the config'}' must be a mapping of keys, got {_describe(data)}"
         )
+    if "parse_section" in vars(cls):  # a choice among several dataclasses parses itself
+        return cls.parse_section(data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise ConfigError(_unknown_key_message(str(key), where, list(fields)))
+            raise ConfigError(unknown_key_message(str(key), where, list(fields)))
     values = {}
     for name, field in fields.items():
         if name in data:
@@ -129,7 +135,7 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def _unknown_key_message(key: str, where: str, allowed: list[str]) -> str:
+def unknown_key_message(key: str, where: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     section = f"in '{where}'" if where else "at the top level"

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_models import VOCAB, make_batch, tiny_config
-from test_trainer import Killed, _stop_at, deterministic_lines, final_weights, write_config
+from helpers import (
+    VOCAB,
+    Killed,
+    deterministic_lines,
+    final_weights,
+    make_batch,
+    stop_at,
+    tiny_config,
+    write_config,
+)
 
 from echoic.data.hotwords import (
     NO_BIAS,
@@ -30,7 +38,7 @@ from echoic.decode.decoder import (
 from echoic.decode.run import decode_manifest
 from echoic.errors import ConfigError, EchoicError
 from echoic.models.bias import BiasEncoder, expand_hotwords, filter_hotwords, merge_posteriors
-from echoic.models.contract import check_step_output
+from echoic.models.contract import TakesHotwords, check_step_output
 from echoic.models.model import build_model
 from echoic.score import read_hypotheses, score_texts
 from echoic.train.config import load_experiment
@@ -329,7 +337,7 @@ def test_a_seaco_run_killed_in_stage_2_resumes_bit_identically(tmp_path, corpus,
 
     assert trainer("reference").run() == 0
     interrupted = trainer("resumed")
-    _stop_at(interrupted, "7:1", "kill")
+    stop_at(interrupted, "7:1", "kill")
     with pytest.raises(Killed):
         interrupted.run()
     assert trainer("resumed").run() == 0
@@ -399,7 +407,7 @@ def test_both_models_overfit_20_utterances_and_take_a_hotword_list(tmp_path, cor
     # The list (mostly words no utterance says) does not derail decoding.
     assert rates["listed"] < rates["plain"] + 0.05, rates
     model, _, _ = load_experiment_model(exp)
-    assert model.takes_hotwords
+    assert isinstance(model, TakesHotwords)
     with pytest.raises(EchoicError, match="takes no hotword list"):  # not silently dropped
         decode_manifest(
             exp,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from echoic.config import from_dict
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.models.contract import check_step_output
 from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
 from echoic.models.model import ModelConfig, build_model

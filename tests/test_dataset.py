@@ -6,7 +6,8 @@ import soundfile as sf
 import torch
 from conftest import write_sine
 
-from echoic.data.dataset import IGNORE_ID, AsrDataset, BatchLoader, DataConfig, build_loader
+from echoic.data.batch import IGNORE_ID
+from echoic.data.dataset import AsrDataset, BatchLoader, DataConfig, build_loader
 from echoic.data.features import FbankConfig, InputSpec
 from echoic.data.manifest import Utterance, read_manifest, write_manifest
 from echoic.data.tokenizer import CharTokenizer

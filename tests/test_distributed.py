@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import deterministic_lines, final_weights, write_config
+from helpers import deterministic_lines, final_weights, write_config
 
 from echoic.train.config import load_experiment
 from echoic.train.trainer import Trainer

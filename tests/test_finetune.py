@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Killed, deterministic_lines, final_weights, stop_at, write_config
 from safetensors.torch import load_file, save_file
-from test_trainer import Killed, _stop_at, deterministic_lines, final_weights, write_config
 
 from echoic.data.tokenizer import load_tokenizer
 from echoic.errors import ConfigError
@@ -116,7 +116,7 @@ def test_each_stage_trains_only_its_parameters_and_says_so(staged):
 @pytest.mark.parametrize("kill_at", ["7:1", "5:0"])  # inside stage 2; just after its start
 def test_a_run_killed_in_stage_2_resumes_bit_identically(tmp_path, corpus, lang, staged, kill_at):
     trainer = _trainer(tmp_path, corpus, lang, **STAGES)
-    _stop_at(trainer, kill_at, "kill")
+    stop_at(trainer, kill_at, "kill")
     with pytest.raises(Killed):
         trainer.run()
     # 7:1 resumes from step 6, inside stage 2; 5:0 from step 4, stage 1's last, saved

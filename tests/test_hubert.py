@@ -12,12 +12,11 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from test_trainer import Killed, _stop_at, deterministic_lines, final_weights
+from helpers import Killed, deterministic_lines, final_weights, stop_at
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.manifest import read_manifest, write_manifest
 from echoic.data.tokenizer import UnitTokenizer, load_tokenizer
-from echoic.data.units import add_deltas, assign, kmeans_units, mfcc_units_features, unit_frames
 from echoic.errors import ConfigError
 from echoic.models.contract import check_step_output
 from echoic.models.hubert import (
@@ -29,6 +28,7 @@ from echoic.models.hubert import (
 )
 from echoic.models.layers import strided_lengths
 from echoic.models.ssl import _normalize
+from echoic.pretrain.units import add_deltas, assign, kmeans_units, mfcc_units_features, unit_frames
 from echoic.seeding import make_rng
 from echoic.train.config import load_experiment, parse_experiment
 from echoic.train.probe import effective_rank
@@ -282,7 +282,7 @@ def units(corpus, tmp_path_factory) -> Path:
 def test_hubert_config_is_checked(tmp_path, units):
     raw = yaml.safe_load(_experiment(tmp_path, units).read_text())
     for change, message in (
-        ({"model": {**raw["model"], "ctc": {}}}, "hubert pretrains alone"),
+        ({"model": {**raw["model"], "ctc": {}}}, "a hubert model takes hubert: remove ctc"),
         ({"data": {**raw["data"], "speed_perturb": [0.9, 1.0]}}, "speed_perturb"),
         ({"data": {**raw["data"], "spec_augment": {}}}, "spec_augment"),
         ({"model": {**raw["model"], "encoder": {"transformer": {}}}}, "remove model.frontend"),
@@ -301,7 +301,7 @@ def test_a_hubert_run_killed_and_resumed_is_bit_identical(tmp_path, units, caplo
         assert trainer("reference").run() == 0
     assert "a uniform guess scores loss_m = log 12 = 2.485" in caplog.text
     interrupted = trainer("resumed")
-    _stop_at(interrupted, "5:0", "kill")
+    stop_at(interrupted, "5:0", "kill")
     with pytest.raises(Killed):
         interrupted.run()
     assert trainer("resumed").run() == 0

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, VOCAB, make_batch, tiny_config
 
 from echoic.config import from_dict
-from echoic.data.dataset import Batch
 from echoic.data.features import CmvnStats, FbankConfig
 from echoic.errors import ConfigError, EchoicError
 from echoic.models.asr import AsrModel
@@ -26,42 +26,6 @@ from echoic.models.layers import (
     strided_conv2d,
 )
 from echoic.models.model import ModelConfig, build_model
-
-VOCAB = 12
-TINY = {"d_model": 32, "num_layers": 2, "num_heads": 2, "ffn_dim": 64}
-
-
-def tiny_config(heads: dict, encoder: str = "conformer", **encoder_kw) -> ModelConfig:
-    enc = dict(TINY, **encoder_kw)
-    if encoder == "conformer":
-        enc["conv_kernel"] = 3
-    raw = {"frontend": {"fbank": {"global_cmvn": False}}, "encoder": {encoder: enc}, **heads}
-    return from_dict(ModelConfig, raw, "model")
-
-
-def make_batch(batch: int = 3, frames: int = 60, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    feat_lens = torch.tensor([frames, frames - 17, frames - 30][:batch])
-    token_lens = torch.tensor([5, 3, 1][:batch])
-    feats = torch.randn(batch, frames, 80, generator=g)
-    tokens = torch.randint(2, VOCAB - 1, (batch, 5), generator=g)
-    for row in range(batch):
-        feats[row, feat_lens[row] :] = 0
-        tokens[row, token_lens[row] :] = -1
-    return Batch(
-        epoch=0,
-        index=0,
-        ids=[f"u{i}" for i in range(batch)],
-        texts=[""] * batch,
-        durations=[1.0] * batch,
-        tokens=tokens,
-        token_lens=token_lens,
-        feats=feats,
-        feat_lens=feat_lens,
-        audio=None,
-        audio_lens=None,
-    )
-
 
 HEADS = {
     "ctc": {"ctc": {}},

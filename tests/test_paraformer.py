@@ -5,8 +5,16 @@ import json
 
 import pytest
 import torch
-from test_models import VOCAB, make_batch, tiny_config
-from test_trainer import Killed, _stop_at, deterministic_lines, final_weights, write_config
+from helpers import (
+    VOCAB,
+    Killed,
+    deterministic_lines,
+    final_weights,
+    make_batch,
+    stop_at,
+    tiny_config,
+    write_config,
+)
 
 from echoic.cli import main
 from echoic.data.manifest import read_manifest, write_manifest
@@ -66,8 +74,17 @@ def test_the_family_keeps_the_metrics_contract(heads, encoder):
 def test_a_paraformer_takes_no_attention_or_transducer_head():
     from echoic.config import from_dict
 
-    with pytest.raises(ConfigError, match="remove attention and transducer"):
+    with pytest.raises(ConfigError, match=r"a paraformer model takes .*: remove attention$"):
         from_dict(ModelConfig, {"paraformer": {}, "attention": {}}, "model")
+    with pytest.raises(ConfigError, match=r"remove attention and transducer$"):
+        from_dict(ModelConfig, {"paraformer": {}, "attention": {}, "transducer": {}}, "model")
+    with pytest.raises(ConfigError, match=r"model.paraformer and model.hubert are two model"):
+        from_dict(ModelConfig, {"paraformer": {}, "hubert": {}}, "model")
+    # Configs written before each family had its own section list the others' as null.
+    old = {"ctc": {}, "attention": None, "transducer": None, "paraformer": None, "hubert": None}
+    assert from_dict(ModelConfig, old, "model").family == "asr"
+    with pytest.raises(ConfigError, match="did you mean 'paraformer'"):  # any family's keys
+        from_dict(ModelConfig, {"paraformr": {}, "ctc": {}}, "model")
     with pytest.raises(ConfigError, match=r"'model.paraformer.glancing_ratio'|glancing_ratio"):
         from_dict(ModelConfig, {"paraformer": {"glancing_ratio": 2}}, "model")
 
@@ -112,7 +129,7 @@ def test_a_paraformer_run_killed_mid_epoch_resumes_bit_identically(tmp_path, cor
 
     assert trainer("reference").run() == 0
     interrupted = trainer("resumed")
-    _stop_at(interrupted, "12:0", "kill")
+    stop_at(interrupted, "12:0", "kill")
     with pytest.raises(Killed):
         interrupted.run()
     assert trainer("resumed").run() == 0

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_upstream
+from helpers import Killed, final_weights, stop_at, write_config
 from safetensors.torch import load_file
-from test_trainer import Killed, _stop_at, final_weights, write_config
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.manifest import read_manifest
 from echoic.decode.decoder import DecodeOptions, load_experiment_model
 from echoic.decode.export import CtcPath, OnnxModel, export_info, export_model, quantize_onnx
@@ -296,7 +296,7 @@ def test_unfreezing_takes_effect_at_step_n_and_resume_after_it_is_exact(
             assert any(k.startswith("encoder.layers.") for k in changed), f"step {step}"
 
     trainer = Trainer(load_experiment(config), tmp_path / "resumed", progress=False)
-    _stop_at(trainer, "3:0", "kill")
+    stop_at(trainer, "3:0", "kill")
     with pytest.raises(Killed):
         trainer.run()
     _train(config, tmp_path / "resumed")

@@ -10,13 +10,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import (
+    Killed,
+    assert_same_run,
+    deterministic_lines,
+    echoic,
+    final_weights,
+    start_paused,
+    stop_at,
+    write_config,
+)
 from safetensors.torch import load_file
 
 from echoic.data.augment import speed_perturb
@@ -38,112 +47,6 @@ from echoic.train.trainer import Trainer, TrainingAborted
 
 # Epoch 0 of the session corpus is 20 batches of max_frames 1500: 10 steps of 2 micro-batches.
 KILL_POINTS = ("3:1", "epoch-end:0", "12:0")  # mid-accumulation, epoch boundary, mid-epoch
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
-
-def write_config(tmp_path: Path, corpus: Path, lang: Path, **sections) -> Path:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "data": {
-            "train": str(corpus / "train.jsonl"),
-            "dev": str(corpus / "dev.jsonl"),
-            "lang": str(lang),
-            "max_frames": 1500,
-            "speed_perturb": [0.9, 1.0, 1.1],
-            "num_workers": 0,
-        },
-        "model": {
-            "encoder": {
-                "conformer": {
-                    "d_model": 32,
-                    "num_layers": 1,
-                    "num_heads": 2,
-                    "ffn_dim": 64,
-                    "conv_kernel": 5,
-                }
-            },
-            "ctc": {"weight": 0.3},
-            "attention": {"weight": 0.7, "num_layers": 1, "num_heads": 2, "ffn_dim": 64},
-        },
-        "optim": {"lr": 0.002, "warmup_steps": 5},
-        "train": {
-            "max_steps": 14,
-            "accum_grad": 2,
-            "log_every": 1,
-            "valid_every": 4,
-            "save_every_steps": 3,
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(_merge(config, sections)))
-    return path
-
-
-def echoic(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "echoic", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def start_paused(
-    config: Path, exp: Path, where: str, *extra: str, new_session: bool = False
-) -> subprocess.Popen:
-    """Start training that stops at `where` (see PausePoint) and wait until it is there.
-    `new_session`: in a process group of its own, so a test can signal the whole group."""
-    command = [
-        sys.executable,
-        "-m",
-        "echoic",
-        "train",
-        str(config),
-        "--exp",
-        str(exp),
-        "--no-progress",
-        *extra,
-    ]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, "ECHOIC_PAUSE_AT": where},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=new_session,
-    )
-    deadline = time.time() + 180
-    while not (exp / "paused").exists():
-        if process.poll() is not None:
-            raise AssertionError(f"training ended before {where}: {process.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            process.kill()
-            raise AssertionError(f"training did not reach {where}")
-        time.sleep(0.05)
-    (exp / "paused").unlink()
-    return process
-
-
-def final_weights(exp: Path) -> dict[str, torch.Tensor]:
-    return load_file(list_checkpoints(exp / "checkpoints")[-1] / "model.safetensors")
-
-
-def deterministic_lines(exp: Path) -> list[str]:
-    lines = (exp / "metrics.jsonl").read_text().splitlines()
-    return [line for line in lines if json.loads(line)["split"] in ("train", "dev")]
-
-
-def assert_same_run(exp: Path, reference: Path) -> None:
-    got, expected = final_weights(exp), final_weights(reference)
-    assert got.keys() == expected.keys()
-    different = [k for k in expected if not torch.equal(got[k], expected[k])]
-    assert not different, f"weights differ: {different[:5]}"
-    assert deterministic_lines(exp) == deterministic_lines(reference)
 
 
 @pytest.fixture(scope="module")
@@ -458,24 +361,6 @@ def test_sigterm_to_the_whole_process_group_still_saves(tmp_path, corpus, lang):
     assert "step-00000005 saved (stop (SIGTERM))" in stderr
 
 
-class Killed(Exception):
-    """Stands for SIGKILL in an in-process run: it escapes the loop, nothing is saved."""
-
-
-def _stop_at(trainer: Trainer, where: str, how: str) -> None:
-    """At pause point `where` (see PausePoint): "kill" the run, or "stop" it as SIGTERM
-    does (a checkpoint of the last step boundary, then a clean exit)."""
-
-    def check(key: str, stop) -> None:
-        if key != where:
-            return
-        if how == "kill":
-            raise Killed(key)
-        stop.requested = "SIGTERM"
-
-    trainer.pause.check = check
-
-
 def _run_state(exp: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     return final_weights(exp), deterministic_lines(exp)
 
@@ -511,7 +396,7 @@ def test_resume_after_an_out_of_memory_shrink_is_exact(tmp_path, corpus, lang, m
     ]:
         folder = tmp_path / how
         trainer = _in_process(folder, corpus, lang, train=train)
-        _stop_at(trainer, where, how)
+        stop_at(trainer, where, how)
         if how == "kill":
             with pytest.raises(Killed):
                 trainer.run()
@@ -715,7 +600,7 @@ def test_a_compiled_run_killed_and_resumed_is_bit_identical(tmp_path, corpus, la
     assert "train.compile: 1 encoder blocks compiled" in caplog.text
     folder = tmp_path / "killed"
     trainer = _in_process(folder, corpus, lang, train=train)
-    _stop_at(trainer, "5:1", "kill")  # after step 3's checkpoint, mid-accumulation
+    stop_at(trainer, "5:1", "kill")  # after step 3's checkpoint, mid-accumulation
     with pytest.raises(Killed):
         trainer.run()
     caplog.clear()
@@ -731,8 +616,7 @@ def test_compile_falls_back_to_eager_with_one_line_where_unavailable(monkeypatch
     from echoic.train import compiled
 
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    encoder = torch.nn.Module()
-    encoder.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
-    assert compiled.compile_blocks(encoder, torch.device("cpu")) is False
+    blocks = [torch.nn.Linear(2, 2)]
+    assert compiled.compile_blocks(blocks, torch.device("cpu")) is False
     assert "train.compile: Inductor's CPU code needs a C++ compiler" in caplog.text
     assert "training without it" in caplog.text

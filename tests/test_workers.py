@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_trainer import write_config
+from helpers import write_config
 
 from echoic.data.workers import WorkerError, fork_map
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from echoic.data.batch import IGNORE_ID
 from echoic.data.tokenizer import Tokenizer, clean_text
 from echoic.seeding import make_rng
 
 NO_BIAS = 0  # the blank id: "no hotword here", in bias targets and the hotword posterior
-IGNORE_ID = -1  # padding in bias targets (as in Batch.tokens)
 
 
 @dataclass(frozen=True)

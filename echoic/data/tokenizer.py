@@ -223,7 +223,7 @@ class BpeTokenizer(Tokenizer):
 
 
 class UnitTokenizer(Tokenizer):
-    """Cluster ids 0..K-1 (HuBERT's targets, see echoic.data.units) as tokens: a
+    """Cluster ids 0..K-1 (HuBERT's targets, see echoic.pretrain.units) as tokens: a
     transcript is the ids as space-separated integers, id k is token k + 2."""
 
     kind = "units"

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.hotwords import hotword_tensors, phrase_tokens
 from echoic.data.tokenizer import Tokenizer, load_tokenizer
 from echoic.decode.context import ContextGraph, read_hotwords
@@ -30,6 +30,7 @@ from echoic.decode.search import (
 )
 from echoic.errors import ConfigError, EchoicError
 from echoic.models.base import EncoderModel
+from echoic.models.contract import TakesHotwords, TrainableModel
 from echoic.models.model import build_model
 from echoic.train.checkpoint import average_weights, list_checkpoints, load_checkpoint
 from echoic.train.config import ExperimentConfig, parse_experiment
@@ -116,53 +117,53 @@ def _paraformer(model, encoded, lens, options):
     ]
 
 
-# name -> (heads it needs, search, whether it accepts hotwords). `decode_batch` runs the
-# encoder on the whole batch; of the searches, ctc_greedy, attention (B * beam decoder
-# rows per step) and rnnt_greedy step through the batch together, the others loop over
-# its utterances one at a time.
-METHODS: dict[str, tuple[tuple[str, ...], Callable, bool]] = {
-    "ctc_greedy": (("ctc",), _ctc_greedy, False),
-    "ctc_prefix_beam": (("ctc",), _ctc_prefix_beam, True),
-    "attention": (("attention",), _attention, False),
-    "attention_rescoring": (("ctc", "attention"), _attention_rescoring, True),
-    "rnnt_greedy": (("transducer",), _rnnt_greedy, False),
-    "rnnt_beam": (("transducer",), _rnnt_beam, True),
+# name -> (search, whether it takes a prefix scorer: hotword graph or word LM). Which of
+# them a model can run, and which is its default, is the model's to say
+# (`decode_methods`, echoic.models.contract). `decode_batch` runs the encoder on the
+# whole batch; of the searches, ctc_greedy, attention (B * beam decoder rows per step)
+# and rnnt_greedy step through the batch together, the others loop over its utterances
+# one at a time.
+METHODS: dict[str, tuple[Callable, bool]] = {
+    "ctc_greedy": (_ctc_greedy, False),
+    "ctc_prefix_beam": (_ctc_prefix_beam, True),
+    "attention": (_attention, False),
+    "attention_rescoring": (_attention_rescoring, True),
+    "rnnt_greedy": (_rnnt_greedy, False),
+    "rnnt_beam": (_rnnt_beam, True),
     # One batched parallel pass, greedy per position: no prefix search for a hotword graph
     # or LM to steer, so --lm is refused for it (not silently ignored), and --hotwords
     # works only with a model trained to take a list (DecodeOptions.hotwords).
-    "paraformer": (("predictor", "decoder"), _paraformer, False),
+    "paraformer": (_paraformer, False),
 }
 
 
-def available_methods(model: EncoderModel) -> list[str]:
-    return [
-        name
-        for name, (heads, _, _) in METHODS.items()
-        if all(getattr(model, h, None) is not None for h in heads)
-    ]
+def available_methods(model: TrainableModel) -> list[str]:
+    """The methods `model` can run, in METHODS' order."""
+    own = model.decode_methods()
+    return [name for name in METHODS if name in own]
 
 
-def default_method(model: EncoderModel) -> str:
+def default_method(model: TrainableModel) -> str:
     """The most accurate method the model has."""
-    for name in ("paraformer", "attention_rescoring", "rnnt_beam", "ctc_prefix_beam", "attention"):
-        if name in available_methods(model):
-            return name
-    return available_methods(model)[0]
+    own = [name for name in model.decode_methods() if name in METHODS]
+    if not own:
+        raise EchoicError("this model does not transcribe: it has no decoding method")
+    return own[0]
 
 
-def check_options(model: EncoderModel, options: DecodeOptions) -> None:
+def check_options(model: TrainableModel, options: DecodeOptions) -> None:
     valid = available_methods(model)
     if options.method not in valid:
         raise EchoicError(
             f"method '{options.method}' needs heads this model lacks; "
             f"valid methods: {', '.join(valid)}"
         )
-    if options.context is not None and not METHODS[options.method][2]:
-        biased = [m for m in valid if METHODS[m][2]]
+    if options.context is not None and not METHODS[options.method][1]:
+        biased = [m for m in valid if METHODS[m][1]]
         raise EchoicError(
             f"hotwords and --lm work with {', '.join(biased)}, not with {options.method}"
         )
-    if options.hotwords is not None and not getattr(model, "takes_hotwords", False):
+    if options.hotwords is not None and not isinstance(model, TakesHotwords):
         raise EchoicError(
             f"--hotwords with {options.method} needs a contextual or SeACo-Paraformer "
             "(paraformer.bias); this model has no hotword modules"
@@ -254,7 +255,7 @@ def build_scorer(
 def decode_batch(model: EncoderModel, batch: Batch, options: DecodeOptions) -> list[Hypothesis]:
     """The best hypothesis of every utterance in the batch."""
     encoded, lens = model.encode(batch)
-    _, search, _ = METHODS[options.method]
+    search, _ = METHODS[options.method]
     return _best(search(model, encoded, lens, options))
 
 

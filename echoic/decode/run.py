@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from echoic.data.dataset import Batch, build_loader
+from echoic.data.batch import Batch
+from echoic.data.dataset import build_loader
 from echoic.data.manifest import read_manifest
 from echoic.decode.decoder import (
     DecodeOptions,
@@ -38,7 +39,7 @@ from echoic.decode.decoder import (
 from echoic.decode.export import ONNX_FILE, OnnxModel
 from echoic.decode.search import Hypothesis
 from echoic.errors import EchoicError
-from echoic.models.paraformer import decoded_rows
+from echoic.models.cif import decoded_rows
 
 # What runs on an exported graph, by the outputs it has: the CTC searches on the
 # log-probabilities, a Paraformer's one pass on its tokens.
@@ -179,7 +180,7 @@ def _decode_onnx(
     session: OnnxModel, model, batch: Batch, options, per_row: bool
 ) -> list[Hypothesis]:
     outputs = _onnx_outputs(session, batch, per_row)
-    if options.method == "paraformer":
+    if "tokens" in outputs:  # a one-pass graph (see ONNX_METHODS)
         names = ("tokens", "scores", "counts", "positions", "out_lens")
         rows = decoded_rows(*(outputs[n] for n in names), model.encoder.frame_shift)
         return [Hypothesis(d.tokens, d.score, times=d.times) for d in rows]

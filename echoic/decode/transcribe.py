@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from echoic.data.audio import load_audio
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.text import drop_spaces_between_cjk
 from echoic.decode.decoder import (
     DecodeOptions,

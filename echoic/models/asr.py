@@ -8,23 +8,42 @@ tokenizer. A config states each of them nowhere.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.features import CmvnStats
-from echoic.models.base import EncoderModel, build_frontend_encoder, step_output
+from echoic.models.base import (
+    EncoderModel,
+    FrontendEncoderSection,
+    build_frontend_encoder,
+    step_output,
+)
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
 from echoic.models.heads import HeadOutput
-from echoic.models.heads.attention import AttentionHead
-from echoic.models.heads.ctc import CtcHead
-from echoic.models.heads.transducer import TransducerHead
+from echoic.models.heads.attention import AttentionDecoderConfig, AttentionHead
+from echoic.models.heads.ctc import CtcConfig, CtcHead
+from echoic.models.heads.transducer import TransducerConfig, TransducerHead
 
-if TYPE_CHECKING:
-    from echoic.models.model import ModelConfig
+
+@dataclass(frozen=True)
+class AsrConfig(FrontendEncoderSection):
+    """The ASR family's `model` section: any of the three heads (at least one)."""
+
+    ctc: CtcConfig | None = None  # a section (even empty: `ctc: {}`) adds the head
+    attention: AttentionDecoderConfig | None = None
+    transducer: TransducerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.ctc is None and self.attention is None and self.transducer is None:
+            raise ValueError(
+                "the model needs at least one head: ctc, attention, transducer, paraformer "
+                "or hubert"
+            )
 
 
 class AsrModel(EncoderModel):
@@ -83,6 +102,23 @@ class AsrModel(EncoderModel):
                 names += [f"{name}.{key}" for key in head.token_indexed()]
         return names
 
+    # Decoding method -> the heads it needs, the default (most accurate) first.
+    _METHOD_HEADS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "attention_rescoring": ("ctc", "attention"),
+        "rnnt_beam": ("transducer",),
+        "ctc_prefix_beam": ("ctc",),
+        "attention": ("attention",),
+        "ctc_greedy": ("ctc",),
+        "rnnt_greedy": ("transducer",),
+    }
+
+    def decode_methods(self) -> tuple[str, ...]:
+        return tuple(
+            method
+            for method, heads in self._METHOD_HEADS.items()
+            if all(getattr(self, head) is not None for head in heads)
+        )
+
     @property
     def heads(self) -> list[nn.Module]:
         return [h for h in (self.ctc, self.attention, self.transducer) if h is not None]
@@ -108,7 +144,7 @@ class AsrModel(EncoderModel):
         return step_output(total, used, metrics, inputs.dropped)
 
 
-def build_asr(config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:
+def build_asr(config: AsrConfig, vocab_size: int, cmvn: CmvnStats | None = None) -> AsrModel:
     """The ASR family's model for `config` (see echoic.models.model.build_model)."""
     frontend, encoder = build_frontend_encoder(config.frontend, config.encoder, cmvn)
     dim = encoder.output_dim

@@ -3,10 +3,13 @@ trainer, decoding and export read from any model.
 
 A family (echoic.models.asr, echoic.models.paraformer) subclasses `EncoderModel`, puts
 its heads after the encoder, declares its `metric_units` once and returns a StepOutput
-with exactly those keys (echoic.models.contract). Nothing outside the family's module
-knows which family it is: the trainer calls forward, start_step, parameter_groups and
-token_indexed_parameters; decoding asks for the methods the family's modules allow;
-`echoic export` traces the family's `export_path` and names its `export_outputs`.
+with exactly those keys. `EncoderModel` answers the rest of the contract
+(echoic.models.contract.TrainableModel) from its frontend and encoder, so nothing
+outside the family's module knows which family it is: the trainer calls only the
+contract; decoding runs the methods the family's `decode_methods` names; `echoic
+export` traces the family's `export_path` and names its `export_outputs`. The family's
+config section derives from `FrontendEncoderSection` (below) and its entry in the
+family table (echoic.models.model) says how it is built.
 """
 
 from __future__ import annotations
@@ -17,13 +20,51 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
+from echoic.data.dataset import DataConfig
 from echoic.data.features import CmvnStats, InputSpec
 from echoic.errors import EchoicError
 from echoic.models.contract import Metric, StepOutput, Unit
-from echoic.models.encoders import Encoder, EncoderConfig
+from echoic.models.encoders import Encoder, EncoderConfig, subsampling_factor
+from echoic.models.family import ModelSection
 from echoic.models.frontend import FrontendConfig, build_frontend
 from echoic.models.heads.ctc import NO_CTC_ALIGNMENT, CtcHead
+from echoic.models.ssl import read_upstream
+
+
+@dataclass(frozen=True)
+class FrontendEncoderSection(ModelSection):
+    """The config of a frontend -> encoder -> heads family: the fields and the cross-
+    section rules every such family shares; each adds its heads."""
+
+    frontend: FrontendConfig = FrontendConfig()
+    encoder: EncoderConfig = EncoderConfig()
+
+    @property
+    def wants_cmvn(self) -> bool:
+        fbank = self.frontend.fbank
+        return fbank is not None and fbank.global_cmvn
+
+    @property
+    def waveform_input(self) -> str | None:
+        return "an SSL frontend" if self.frontend.ssl is not None else None
+
+    def check_data(self, data: DataConfig) -> None:
+        super().check_data(data)
+        fbank = self.frontend.fbank
+        if data.feature_cache and fbank is not None and fbank.fbank.dither > 0:
+            raise ValueError("data.feature_cache needs model.frontend.fbank.fbank.dither 0")
+
+    def subsampling(self) -> int | None:
+        """The encoder's subsampling factor with `auto` resolved."""
+        try:
+            if self.frontend.ssl is not None:
+                frame_shift = read_upstream(self.frontend.ssl.path, hash_files=False).frame_shift
+            else:
+                frame_shift = self.frontend.fbank.fbank.frame_shift_ms / 1000
+            return subsampling_factor(self.encoder.kind, frame_shift)
+        except EchoicError:
+            return None
 
 
 @dataclass
@@ -91,6 +132,22 @@ class EncoderModel(nn.Module):
         """State-dict keys whose first dimension is indexed by token id (rows moved when
         fine-tuning with another vocabulary): each family lists its own."""
         raise NotImplementedError
+
+    def decode_methods(self) -> tuple[str, ...]:
+        """The decoding methods the family's heads allow, the default first."""
+        raise NotImplementedError
+
+    def input_frames_for(self, output_frames: int) -> int:
+        return self.encoder.subsampling.input_frames_for(output_frames)
+
+    def seconds_for_input_frames(self, frames: int) -> float:
+        return self.frontend.seconds_for_frames(frames)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.encoder.gradient_checkpointing = enabled
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.encoder.blocks)
 
     def export_path(self) -> nn.Module:
         """What `echoic export` traces: (inputs, lengths) -> the tensors named in

@@ -284,3 +284,35 @@ def token_times(
         times.append((start, end))
         start = end
     return times
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One utterance's one-pass result."""
+
+    tokens: tuple[int, ...]
+    score: float  # sum of the chosen tokens' log-probabilities
+    times: tuple[tuple[float, float], ...]  # (start, end) seconds per token
+
+
+def decoded_rows(
+    tokens: torch.Tensor,
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+    frame_shift: float,
+) -> list[Decoded]:
+    """The one pass's tensors (from PyTorch or the exported graph) -> one Decoded per
+    utterance: its first `count` positions, their summed log-probability and times."""
+    results = []
+    for row, count in enumerate(counts.tolist()):
+        duration = float(lengths[row]) * frame_shift
+        results.append(
+            Decoded(
+                tuple(tokens[row, :count].tolist()),
+                float(scores[row, :count].sum()),
+                tuple(token_times(positions[row, :count].tolist(), frame_shift, duration)),
+            )
+        )
+    return results

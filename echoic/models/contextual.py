@@ -15,15 +15,14 @@ loss.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import IGNORE_ID, Batch
 from echoic.data.features import CmvnStats
-from echoic.data.hotwords import IGNORE_ID
 from echoic.models.base import UsableInputs
 from echoic.models.bias import (
     BiasEncoder,
@@ -36,10 +35,12 @@ from echoic.models.bias import (
 )
 from echoic.models.cif import CifOutput
 from echoic.models.contract import UTTERANCES, Metric, Unit
-from echoic.models.paraformer import ParaformerModel, paraformer_parts
-
-if TYPE_CHECKING:
-    from echoic.models.model import ModelConfig
+from echoic.models.paraformer import (
+    ParaformerModel,
+    ParaformerModelConfig,
+    build_paraformer,
+    paraformer_parts,
+)
 
 Hotwords = tuple[torch.Tensor, torch.Tensor]  # (K, L) token ids padded with -1, (K,) lengths
 
@@ -51,10 +52,6 @@ class BiasedParaformer(ParaformerModel):
         super().__init__(*parts)
         per_token = self.config.bias.memory == "tokens"
         self.bias_encoder = BiasEncoder(vocab_size, self.encoder.output_dim, per_token)
-
-    @property
-    def takes_hotwords(self) -> bool:
-        return True
 
     def token_indexed_parameters(self) -> list[str]:
         own = [f"bias_encoder.{key}" for key in self.bias_encoder.token_indexed()]
@@ -185,10 +182,20 @@ class SeacoParaformer(BiasedParaformer):
 
 
 def build_contextual_paraformer(
-    config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
+    config: ParaformerModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
 ) -> BiasedParaformer:
     """A Paraformer with hotword modules, as `config.paraformer.bias.kind` names."""
     kind = config.paraformer.bias.kind
     parts = paraformer_parts(config, vocab_size, cmvn, contextual=kind == "contextual")
     model_class = ContextualParaformer if kind == "contextual" else SeacoParaformer
     return model_class(*parts, vocab_size=vocab_size)
+
+
+def build_paraformer_family(
+    config: ParaformerModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
+) -> ParaformerModel:
+    """The Paraformer family's builder: with `paraformer.bias`, a contextual or SeACo
+    Paraformer; without, a plain one."""
+    if config.paraformer.bias is not None:
+        return build_contextual_paraformer(config, vocab_size, cmvn)
+    return build_paraformer(config, vocab_size, cmvn)

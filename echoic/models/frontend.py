@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from echoic.config import one_of
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.features import CmvnStats, FbankConfig, InputSpec, compute_fbank
 from echoic.errors import EchoicError
 from echoic.models.ssl import SslFrontend, SslFrontendConfig

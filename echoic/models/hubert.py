@@ -16,7 +16,7 @@ folder is this model by construction. Around it echoic adds what pretraining nee
   weighted. Each utterance contributes the mean over its frames, so the step loss is a
   sum over utterances as the metrics contract wants.
 
-Targets come from `echoic kmeans` (echoic.data.units): the batch's tokens are cluster
+Targets come from `echoic kmeans` (echoic.pretrain.units): the batch's tokens are cluster
 ids + 2 (a `units` tokenizer), one per 20 ms frame. An utterance whose label count
 differs from its frames by more than one (labels made for another frame rate) is left
 out and counted; a difference of one (rounding at the end) is cut.
@@ -29,18 +29,24 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echoic.data.dataset import Batch
-from echoic.data.features import InputSpec
+from echoic.config import from_dict
+from echoic.data.batch import Batch
+from echoic.data.dataset import DataConfig
+from echoic.data.features import CmvnStats, InputSpec
 from echoic.data.tokenizer import UnitTokenizer
+from echoic.errors import ConfigError
 from echoic.models.base import step_output
 from echoic.models.contract import FRAMES, UTTERANCES, Metric, StepOutput, Unit, metric
+from echoic.models.encoders import EncoderConfig
+from echoic.models.family import ModelSection
+from echoic.models.frontend import FrontendConfig
 from echoic.models.layers import strided_input_length, strided_lengths
 from echoic.models.ssl import _normalize
 from echoic.seeding import make_rng
@@ -48,6 +54,7 @@ from echoic.seeding import make_rng
 log = logging.getLogger(__name__)
 
 LABEL_MISMATCH = "label_length_mismatch"
+SAMPLE_RATE = 16000  # the backbone's input rate, what `echoic kmeans` labels are made at
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,44 @@ class HubertPretrainConfig:
             raise ValueError("mask_embedding_std must not be negative")
 
 
+@dataclass(frozen=True)
+class HubertModelConfig(ModelSection):
+    """The HuBERT family's `model` section: `hubert:` alone. Its waveform feature
+    extractor and transformer are the backbone's (`hubert.backbone`), so there is no
+    frontend, encoder or head section."""
+
+    hubert: HubertPretrainConfig = HubertPretrainConfig()
+
+    @classmethod
+    def without_legacy_keys(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """Configs written before each family had its own section held a default
+        frontend and encoder beside `hubert`: those mean nothing and go; anything
+        else there is an error, as it always was."""
+        for key, config in (("frontend", FrontendConfig), ("encoder", EncoderConfig)):
+            if key in data and from_dict(config, data[key], f"{where}.{key}") != config():
+                raise ConfigError(
+                    "hubert has its own waveform feature extractor and transformer "
+                    f"(model.hubert.backbone): remove {where}.frontend and {where}.encoder"
+                )
+            data.pop(key, None)
+        return data
+
+    @property
+    def waveform_input(self) -> str | None:
+        return "hubert (which masks its own frames)"
+
+    @property
+    def pretrains(self) -> bool:
+        return True
+
+    def check_data(self, data: DataConfig) -> None:
+        super().check_data(data)
+        if data.speed_perturb != [1.0]:
+            raise ValueError(
+                "hubert's labels are aligned to the audio as it is: set data.speed_perturb: [1.0]"
+            )
+
+
 def hf_config(config: HubertBackboneConfig):
     """The transformers.HubertConfig of a backbone config."""
     import transformers
@@ -160,75 +205,6 @@ def span_mask(
     return torch.from_numpy(mask)
 
 
-class _Waveform(nn.Module):
-    """The model's view of its input for the trainer: raw waveform at 16 kHz."""
-
-    def __init__(self, conv_layers: tuple[tuple[int, int], ...], sample_rate: int = 16000) -> None:
-        super().__init__()
-        self.conv_layers = conv_layers
-        self.sample_rate = sample_rate
-        self.input_spec = InputSpec("waveform", sample_rate)
-        stride = math.prod(s for _, s in conv_layers)
-        self.frame_shift = stride / sample_rate
-
-    def num_frames(self, num_samples: int) -> int:
-        return strided_lengths(num_samples, self.conv_layers)
-
-    def seconds_for_frames(self, frames: int) -> float:
-        return strided_input_length(frames, self.conv_layers) / self.sample_rate
-
-    def inputs_from_samples(self, samples: torch.Tensor) -> torch.Tensor:
-        return samples
-
-    def start_step(self, step: int) -> None:
-        """Nothing changes with the step."""
-
-
-class _FramesIdentity:
-    """What the trainer asks of an encoder's subsampling: frames in = frames out."""
-
-    @staticmethod
-    def input_frames_for(frames: int) -> int:
-        return frames
-
-
-class _EncoderView:
-    """The trainer's handle on the backbone's transformer (gradient checkpointing, the
-    blocks FSDP shards); not a module, so the weights are registered once, as backbone."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        self._backbone = backbone
-        self.subsampling = _FramesIdentity()
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self._backbone.encoder.layers
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return bool(self._checkpointing("is"))
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        if value:
-            self._checkpointing("enable")()
-        elif self.gradient_checkpointing:
-            self._checkpointing("disable")()
-
-    def _checkpointing(self, what: str):
-        """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
-        (the old names warn); either works."""
-        names = (
-            ("is_activation_checkpointing", "is_gradient_checkpointing")
-            if what == "is"
-            else (f"activation_checkpointing_{what}", f"gradient_checkpointing_{what}")
-        )
-        for name in names:
-            if hasattr(type(self._backbone), name):
-                return getattr(self._backbone, name)
-        raise AttributeError(names[-1])
-
-
 class HubertPretrainModel(nn.Module):
     """forward(batch) -> StepOutput with exactly `metric_units`' keys:
 
@@ -249,6 +225,7 @@ class HubertPretrainModel(nn.Module):
         "th_accuracy": FRAMES,
     }
     unfreezes_during_training = False
+    input_spec = InputSpec("waveform", SAMPLE_RATE)
 
     def __init__(self, config: HubertPretrainConfig, num_units: int) -> None:
         super().__init__()
@@ -259,9 +236,8 @@ class HubertPretrainModel(nn.Module):
         self.backbone = transformers.HubertModel(hf_config(config.backbone))
         if config.mask_embedding_std is not None:
             nn.init.normal_(self.backbone.masked_spec_embed, std=config.mask_embedding_std)
-        conv_layers = tuple((k, s) for _, k, s in config.backbone.conv_layers)
-        self.frontend = _Waveform(conv_layers)
-        self.encoder = _EncoderView(self.backbone)
+        # (kernel, stride) of each conv layer: samples to frames and back
+        self.conv_layers = tuple((k, s) for _, k, s in config.backbone.conv_layers)
         self.final_proj = nn.Linear(config.backbone.hidden_size, config.final_dim)
         self.label_embeddings = nn.Parameter(torch.empty(num_units, config.final_dim))
         nn.init.uniform_(self.label_embeddings)
@@ -272,12 +248,38 @@ class HubertPretrainModel(nn.Module):
             math.log(num_units),
         )
 
-    @property
-    def input_spec(self) -> InputSpec:
-        return self.frontend.input_spec
-
     def start_step(self, step: int) -> None:
         """Nothing changes with the step."""
+
+    def num_frames(self, num_samples: torch.Tensor | int) -> torch.Tensor | int:
+        """The backbone's frames for an utterance's samples (20 ms each by default)."""
+        return strided_lengths(num_samples, self.conv_layers)
+
+    def input_frames_for(self, output_frames: int) -> int:
+        return output_frames  # no subsampling after the conv extractor's frames
+
+    def seconds_for_input_frames(self, frames: int) -> float:
+        return strided_input_length(frames, self.conv_layers) / SAMPLE_RATE
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.backbone.encoder.layers)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        # (the old names warn); either works.
+        backbone = type(self.backbone)
+        for prefix in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(backbone, f"{prefix}_enable"):
+                on = getattr(self.backbone, f"is_{prefix}", False)
+                if enabled:
+                    getattr(self.backbone, f"{prefix}_enable")()
+                elif on:
+                    getattr(self.backbone, f"{prefix}_disable")()
+                return
+        raise AttributeError("gradient_checkpointing_enable")
+
+    def decode_methods(self) -> tuple[str, ...]:
+        return ()  # it predicts clusters, not text: fine-tune it (the ssl frontend) to decode
 
     def parameter_groups(self) -> list[dict]:
         scale = self.config.extractor_lr_scale
@@ -304,7 +306,7 @@ class HubertPretrainModel(nn.Module):
         preprocessor = {
             "feature_extractor_type": "Wav2Vec2FeatureExtractor",
             "feature_size": 1,
-            "sampling_rate": self.frontend.sample_rate,
+            "sampling_rate": SAMPLE_RATE,
             "padding_value": 0.0,
             "padding_side": "right",
             "do_normalize": True,
@@ -322,7 +324,7 @@ class HubertPretrainModel(nn.Module):
         (echoic.train.probe) and fine-tuning through the ssl frontend see."""
         out = self._backbone(audio, audio_lens, output_hidden_states=layer is not None)
         hidden = out.last_hidden_state if layer is None else out.hidden_states[layer]
-        return hidden, self.frontend.num_frames(audio_lens)
+        return hidden, self.num_frames(audio_lens)
 
     def _backbone(self, audio: torch.Tensor, audio_lens: torch.Tensor, **options):
         """The backbone on per-utterance normalised waveform, padding masked out."""
@@ -339,7 +341,7 @@ class HubertPretrainModel(nn.Module):
 
     def forward(self, batch: Batch) -> StepOutput:
         audio, audio_lens = batch.audio, batch.audio_lens
-        frame_lens = self.frontend.num_frames(audio_lens)
+        frame_lens = self.num_frames(audio_lens)
         labels = batch.tokens - UnitTokenizer.FIRST  # padding (IGNORE_ID) goes negative
         dropped = {
             row: LABEL_MISMATCH
@@ -405,6 +407,9 @@ def masked_prediction_losses(
     return total, parts
 
 
-def build_hubert(config: HubertPretrainConfig, vocab_size: int) -> HubertPretrainModel:
-    """The HuBERT model for a `units` tokenizer of `vocab_size` ids (K clusters + 3)."""
-    return HubertPretrainModel(config, vocab_size - UnitTokenizer.FIRST - 1)
+def build_hubert(
+    config: HubertModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
+) -> HubertPretrainModel:
+    """The HuBERT model for a `units` tokenizer of `vocab_size` ids (K clusters + 3);
+    `cmvn` is unused: the backbone normalises each utterance's waveform itself."""
+    return HubertPretrainModel(config.hubert, vocab_size - UnitTokenizer.FIRST - 1)

@@ -12,26 +12,35 @@ some replaced by the target tokens' own, as many as the first pass got wrong tim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echoic.data.dataset import IGNORE_ID, Batch
+from echoic.data.batch import IGNORE_ID, Batch
 from echoic.data.features import CmvnStats
 from echoic.errors import EchoicError
-from echoic.models.base import EncoderModel, build_frontend_encoder, step_output
+from echoic.models.base import (
+    EncoderModel,
+    FrontendEncoderSection,
+    build_frontend_encoder,
+    step_output,
+)
 from echoic.models.bias import BiasConfig
-from echoic.models.cif import CifConfig, CifOutput, CifPredictor, quantity_loss, token_times
+from echoic.models.cif import (
+    CifConfig,
+    CifOutput,
+    CifPredictor,
+    Decoded,
+    decoded_rows,
+    quantity_loss,
+)
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, StepOutput, Unit
 from echoic.models.encoders import Encoder
 from echoic.models.glm import glance, glancing_mask
-from echoic.models.heads.ctc import CtcHead
+from echoic.models.heads.ctc import CtcConfig, CtcHead
 from echoic.models.heads.paraformer_decoder import ParaformerDecoder, ParaformerDecoderConfig
-
-if TYPE_CHECKING:
-    from echoic.models.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,27 @@ class ParaformerConfig:
             raise ValueError("weight must be positive and quantity_weight not negative")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ParaformerModelConfig(FrontendEncoderSection):
+    """The Paraformer family's `model` section: selected by `paraformer:`, with at most
+    a CTC head besides its own decoder."""
+
+    ctc: CtcConfig | None = None
+    paraformer: ParaformerConfig = ParaformerConfig()
+
+    @property
+    def uses_training_hotwords(self) -> bool:
+        return self.paraformer.bias is not None
+
+    def check_data(self, data) -> None:
+        super().check_data(data)
+        if self.paraformer.bias is not None and data.hotwords is None:
+            raise ValueError(
+                "model.paraformer.bias learns from training hotwords: set data.hotwords "
+                "(e.g. data.hotwords: {rate: 0.5})"
+            )
 
 
 class ParaformerModel(EncoderModel):
@@ -173,9 +203,9 @@ class ParaformerModel(EncoderModel):
         """Log-probabilities (B, N, V) per position from the decoder's states."""
         return self.decoder.out(states).float().log_softmax(-1)
 
-    @property
-    def takes_hotwords(self) -> bool:
-        return False
+    def decode_methods(self) -> tuple[str, ...]:
+        """The one pass first; the CTC searches where there is a CTC head."""
+        return ("paraformer", "ctc_prefix_beam", "ctc_greedy") if self.ctc else ("paraformer",)
 
     export_outputs: ClassVar[dict[str, str]] = {
         "tokens": "(B, N) int64 best token per position, N = encoder frames (+ 1 with a CIF tail)",
@@ -243,38 +273,6 @@ class ParaformerPath(nn.Module):
         return (*self.model.one_pass(encoded, lens, fixed_width=True), lens)
 
 
-def decoded_rows(
-    tokens: torch.Tensor,
-    scores: torch.Tensor,
-    counts: torch.Tensor,
-    positions: torch.Tensor,
-    lengths: torch.Tensor,
-    frame_shift: float,
-) -> list[Decoded]:
-    """The one pass's tensors (from PyTorch or the exported graph) -> one Decoded per
-    utterance: its first `count` positions, their summed log-probability and times."""
-    results = []
-    for row, count in enumerate(counts.tolist()):
-        duration = float(lengths[row]) * frame_shift
-        results.append(
-            Decoded(
-                tuple(tokens[row, :count].tolist()),
-                float(scores[row, :count].sum()),
-                tuple(token_times(positions[row, :count].tolist(), frame_shift, duration)),
-            )
-        )
-    return results
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """One utterance's one-pass result."""
-
-    tokens: tuple[int, ...]
-    score: float  # sum of the chosen tokens' log-probabilities
-    times: tuple[tuple[float, float], ...]  # (start, end) seconds per token
-
-
 def _batch_hotwords(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
     if batch.hotwords is None:
         return None
@@ -282,7 +280,7 @@ def _batch_hotwords(batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def build_paraformer(
-    config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
+    config: ParaformerModelConfig, vocab_size: int, cmvn: CmvnStats | None = None
 ) -> ParaformerModel:
     """The Paraformer family's model for `config` (see echoic.models.model.build_model);
     with a `bias` section, echoic.models.contextual builds it on the same parts."""
@@ -290,7 +288,11 @@ def build_paraformer(
 
 
 def paraformer_parts(
-    config: ModelConfig, vocab_size: int, cmvn: CmvnStats | None, *, contextual: bool = False
+    config: ParaformerModelConfig,
+    vocab_size: int,
+    cmvn: CmvnStats | None,
+    *,
+    contextual: bool = False,
 ) -> tuple:
     """(frontend, encoder, predictor, decoder, config, ctc) in ParaformerModel's order;
     `contextual`: a decoder that attends to hotwords."""

@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from echoic.data.dataset import Batch
+from echoic.data.batch import Batch
 from echoic.data.features import InputSpec
 from echoic.errors import EchoicError
 from echoic.models.layers import strided_input_length, strided_lengths

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -38,16 +39,15 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(encoder: nn.Module | None, device: torch.device) -> bool:
-    """Compile an encoder's blocks in place; False (with a one-line warning) where
+def compile_blocks(blocks: Sequence[nn.Module], device: torch.device) -> bool:
+    """Compile a model's repeated blocks in place; False (with a one-line warning) where
     torch.compile is unavailable, and the model then trains eager."""
     reason = compile_unavailable(device)
     if reason is not None:
         log.warning("train.compile: %s; training without it", reason)
         return False
-    blocks = getattr(encoder, "blocks", None)
-    if blocks is None:
-        log.warning("train.compile: this model's encoder has no blocks; training without it")
+    if not blocks:
+        log.warning("train.compile: this model has no repeated blocks; training without it")
         return False
     for block in blocks:
         block.compile(dynamic=True)

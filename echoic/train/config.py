@@ -14,10 +14,8 @@ import yaml
 
 from echoic.config import apply_overrides, from_dict, load_yaml, to_dict
 from echoic.data.dataset import DataConfig
-from echoic.errors import ConfigError, EchoicError
-from echoic.models.encoders import subsampling_factor
+from echoic.errors import ConfigError
 from echoic.models.model import ModelConfig
-from echoic.models.ssl import read_upstream
 from echoic.train.probe import ProbeConfig
 
 
@@ -170,34 +168,18 @@ class ExperimentConfig:
             raise ValueError("train.precision fp16 needs CUDA; use bf16 on CPU")
         if self.optim.scheduler == "cosine" and self.train.max_steps is None:
             raise ValueError("optim.scheduler cosine needs train.max_steps (its length)")
-        waveform_model = (
-            "an SSL frontend" if self.model.frontend.ssl is not None
-            else "hubert (which masks its own frames)" if self.model.hubert is not None
-            else None
-        )  # fmt: skip
+        # The rules that tie the model to the other sections are its family's own.
+        waveform_model = self.model.waveform_input
         if waveform_model is not None and self.data.spec_augment is not None:
             raise ValueError(
                 f"data.spec_augment masks fbank, and {waveform_model} takes waveform: "
                 "set data.spec_augment: null"
             )
-        if self.probe is not None and self.model.hubert is None:
-            raise ValueError("probe measures a pretraining run: it needs model.hubert")
-        if self.model.hubert is not None and self.data.speed_perturb != [1.0]:
+        if self.probe is not None and not self.model.pretrains:
             raise ValueError(
-                "hubert's labels are aligned to the audio as it is: set data.speed_perturb: [1.0]"
+                f"probe measures a pretraining run (model.hubert), not a {self.model.family} model"
             )
-        paraformer = self.model.paraformer
-        biased = paraformer is not None and paraformer.bias is not None
-        if biased and self.data.hotwords is None:
-            raise ValueError(
-                "model.paraformer.bias learns from training hotwords: set data.hotwords "
-                "(e.g. data.hotwords: {rate: 0.5})"
-            )
-        if self.data.hotwords is not None and not biased:
-            raise ValueError("data.hotwords is for a model with model.paraformer.bias")
-        fbank = self.model.frontend.fbank
-        if self.data.feature_cache and fbank is not None and fbank.fbank.dither > 0:
-            raise ValueError("data.feature_cache needs model.frontend.fbank.fbank.dither 0")
+        self.model.check_data(self.data)
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -251,7 +233,7 @@ def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, 
     new config, each with why where it is not plain ("" otherwise)."""
     breaking = {}
     for key, _, _ in config_differences(old, new):
-        if key.endswith(".subsampling") and _subsampling(old) == _subsampling(new):
+        if key.endswith(".subsampling") and old.model.subsampling() == new.model.subsampling():
             continue  # `auto` (the default since SSL frontends) and the factor it resolves to
         if key == "train.max_steps" and "cosine" in (old.optim.scheduler, new.optim.scheduler):
             # The schedule runs to min_lr at max_steps: another length changes the rate of
@@ -262,19 +244,6 @@ def breaking_changes(old: ExperimentConfig, new: ExperimentConfig) -> dict[str, 
             # `probe` measures the run and never changes it.)
             breaking[key] = _WHY_BREAKING.get(key, "")
     return breaking
-
-
-def _subsampling(config: ExperimentConfig) -> int | None:
-    """The encoder's subsampling factor, `auto` resolved; None where it cannot be."""
-    frontend = config.model.frontend
-    try:
-        if frontend.ssl is not None:
-            frame_shift = read_upstream(frontend.ssl.path, hash_files=False).frame_shift
-        else:
-            frame_shift = frontend.fbank.fbank.frame_shift_ms / 1000
-        return subsampling_factor(config.model.encoder.kind, frame_shift)
-    except EchoicError:
-        return None
 
 
 def config_differences(old: ExperimentConfig, new: ExperimentConfig) -> list[tuple[str, Any, Any]]:

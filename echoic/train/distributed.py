@@ -95,7 +95,7 @@ def wrap(model: nn.Module, runtime: Runtime, mode: str) -> nn.Module:
         # weight layout (a CPU speed choice; FSDP runs are GPU runs).
         for parameter in model.parameters():
             parameter.data = parameter.data.contiguous()
-        for block in model.encoder.blocks:
+        for block in model.repeated_blocks():
             fully_shard(block)
         fully_shard(model)
         return model

@@ -35,8 +35,8 @@ from torch import nn
 from echoic.data.audio import load_audio
 from echoic.data.manifest import read_manifest
 from echoic.data.tokenizer import Tokenizer, load_tokenizer
-from echoic.decode.search import ctc_greedy
 from echoic.errors import AudioError, EchoicError
+from echoic.models.heads.ctc import best_path
 from echoic.score import score_texts
 
 log = logging.getLogger(__name__)
@@ -264,9 +264,9 @@ class Probe:
             chunk = feats[start : start + 16]
             x, lengths = _pad(chunk)
             log_probs = head(x.to(device), lengths.to(device)).cpu()
-            best = ctc_greedy(log_probs, lengths, self.tokenizer.blank_id)
-            for row, (hypothesis,) in enumerate(best):
-                hyps[self.dev.ids[start + row]] = self.tokenizer.decode(hypothesis.tokens)
+            best = best_path(log_probs, lengths, self.tokenizer.blank_id)
+            for row, tokens in enumerate(best):
+                hyps[self.dev.ids[start + row]] = self.tokenizer.decode(tokens)
         return hyps
 
 

@@ -36,12 +36,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from echoic.data.dataset import BATCH_TENSORS, Batch, BatchLoader, build_loader
+from echoic.data.batch import BATCH_TENSORS, Batch
+from echoic.data.dataset import BatchLoader, build_loader
 from echoic.data.features import CmvnStats
 from echoic.data.manifest import read_manifest
 from echoic.data.tokenizer import load_tokenizer
 from echoic.errors import ConfigError, EchoicError
-from echoic.models.contract import StepOutput, check_step_output
+from echoic.models.contract import ProbeFeatures, StepOutput, check_step_output
 from echoic.models.model import build_model
 from echoic.seeding import derive_seed
 from echoic.train import checkpoint as ckpt
@@ -189,7 +190,7 @@ class Trainer:
         cmvn = CmvnStats.load(self.exp_dir / "cmvn.json") if self._wants_cmvn() else None
         torch.manual_seed(train.seed)
         model = build_model(self.config.model, tokenizer.vocab_size, cmvn)
-        model.encoder.gradient_checkpointing = train.gradient_checkpointing
+        model.set_gradient_checkpointing(train.gradient_checkpointing)
         if weights is not None:
             load_model_weights(model, weights)
         elif self.config.init is not None:  # a new run that starts from other weights
@@ -217,12 +218,12 @@ class Trainer:
             state = _upgrade_state_v1(state, self.metric_units)
         self.input_spec = model.input_spec
         self.probe: Probe | None = None  # loaded at its first use
-        if self.config.probe is not None and not hasattr(model, "probe_features"):
+        if self.config.probe is not None and not isinstance(model, ProbeFeatures):
             raise ConfigError("probe: this model has no features to probe (probe_features)")
         # Two encoder frames at least: the subsampling front needs min_input_frames for
         # one, and BatchNorm in training refuses a one-utterance batch of one frame.
-        self._min_frames = model.encoder.subsampling.input_frames_for(2)
-        self._min_seconds = model.frontend.seconds_for_frames(self._min_frames)
+        self._min_frames = model.input_frames_for(2)
+        self._min_seconds = model.seconds_for_input_frames(self._min_frames)
         if rt.distributed and model.unfreezes_during_training:
             raise ConfigError(
                 "model.frontend.ssl.unfreeze_after_steps does not work under torchrun yet: "
@@ -230,7 +231,7 @@ class Trainer:
                 "train frozen and then fine-tune from that checkpoint)"
             )
         model = model.to(rt.device)
-        self.compiled = train.compile and compile_blocks(getattr(model, "encoder", None), rt.device)
+        self.compiled = train.compile and compile_blocks(model.repeated_blocks(), rt.device)
         self.model = wrap(model, rt, train.distributed)
 
         data = self.config.data

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from echoic.data.batch import IGNORE_ID
 from echoic.models.contract import TOKENS, UTTERANCES, Metric, Unit, metric
 from echoic.models.heads import HeadOutput
 from echoic.models.layers import (
@@ -21,8 +22,6 @@ from echoic.models.layers import (
     lengths_to_mask,
     sinusoids,
 )
-
-IGNORE_ID = -1
 
 
 @dataclass(frozen=True)

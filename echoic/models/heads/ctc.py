@@ -52,11 +52,7 @@ class CtcHead(nn.Module):
 
     def greedy(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
         """Best path: argmax per frame, repeats merged, blanks removed."""
-        hypotheses = []
-        for best, length in zip(log_probs.argmax(-1), lengths.tolist()):
-            merged = torch.unique_consecutive(best[:length])
-            hypotheses.append(merged[merged != self.blank_id].tolist())
-        return hypotheses
+        return best_path(log_probs, lengths, self.blank_id)
 
     def forward(
         self, encoded, encoded_lens, tokens, token_lens, *, with_accuracy: bool = False
@@ -81,3 +77,13 @@ class CtcHead(nn.Module):
                 unpad(tokens, token_lens), self.greedy(log_probs.detach(), encoded_lens)
             )
         return HeadOutput(loss, {"loss_ctc": metric(loss.detach(), batch, UTTERANCES)}, accuracy)
+
+
+def best_path(log_probs: torch.Tensor, lengths: torch.Tensor, blank_id: int) -> list[list[int]]:
+    """(B, T, V) log-probabilities, (B,) lengths -> each utterance's best path: argmax
+    per frame, repeats merged, blanks removed."""
+    hypotheses = []
+    for best, length in zip(log_probs.argmax(-1), lengths.tolist()):
+        merged = torch.unique_consecutive(best[:length])
+        hypotheses.append(merged[merged != blank_id].tolist())
+    return hypotheses
