@@ -11,7 +11,9 @@ Exact resume rests on four rules:
 4. Checkpoints hold the state at an optimizer-step boundary (weights, optimizer,
    scaler, position, metric sums, counters, module buffers): a stop mid-accumulation
    saves the position where the step's window began, with the buffers (BatchNorm
-   statistics) as they were then, and the resumed run recomputes the window.
+   statistics) as they were then, and the resumed run recomputes the window. Under
+   torchrun the BatchNorm statistics are made those of one process, and the same on
+   every rank, at each step (distributed.BatchNormStatistics).
 
 The loop reads nothing model-specific: a forward returns a StepOutput, and every
 metric it declares is summed, reduced across ranks and logged the same way.
@@ -56,6 +58,7 @@ from echoic.train.config import (
     parse_experiment,
 )
 from echoic.train.distributed import (
+    BatchNormStatistics,
     all_reduce_sum,
     any_rank,
     is_fsdp,
@@ -233,6 +236,7 @@ class Trainer:
         model = model.to(rt.device)
         self.compiled = train.compile and compile_blocks(model.repeated_blocks(), rt.device)
         self.model = wrap(model, rt, train.distributed)
+        self.batch_norm = BatchNormStatistics(model, rt)  # made all ranks' at each step
 
         data = self.config.data
         # Nothing shorter than that may reach the model, after the fastest speed
@@ -558,7 +562,7 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         self._reseed(batch.epoch, batch.index)
-        with context:
+        with context, self.batch_norm.micro_batch(batch.index):
             try:
                 if batch.size == 0:  # every utterance skipped; keep in step with other ranks
                     self._dummy_backward()
@@ -703,6 +707,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.batch_norm.synchronize()
         self.step += 1
         self.last_grad_norm = grad_norm
         self._window = self._new_window()
