@@ -33,17 +33,12 @@ import tempfile
 from pathlib import Path
 
 from echoic.decode.context import read_hotwords
-from echoic.decode.decoder import (
-    METHODS,
-    DecodeOptions,
-    ScorerSettings,
-    available_methods,
-    load_experiment_model,
-)
+from echoic.decode.decoder import METHODS, DecodeOptions, ScorerSettings, available_methods
 from echoic.decode.export import ONNX_FILE, ONNX_INT8_FILE, export_model, quantize_onnx
 from echoic.decode.run import ONNX_METHODS, decode_manifest
 from echoic.models.contract import TakesHotwords
 from echoic.score import score_files
+from echoic.train.experiment import load_experiment_model
 
 
 def _biased(method: str) -> bool:

@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -184,3 +186,14 @@ def stop_at(trainer: Trainer, where: str, how: str) -> None:
         stop.requested = "SIGTERM"
 
     trainer.pause.check = check
+
+
+def kill_and_resume(make_trainer: Callable[[], Trainer], kill_at: str) -> None:
+    """Run a trainer until pause point `kill_at` and kill it there, as SIGKILL would
+    (nothing is saved on the way out), then run a new one from the newest checkpoint to
+    the end. Compare the result with an uninterrupted run with `assert_same_run`."""
+    interrupted = make_trainer()
+    stop_at(interrupted, kill_at, "kill")
+    with pytest.raises(Killed):
+        interrupted.run()
+    assert make_trainer().run() == 0

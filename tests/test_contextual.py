@@ -10,11 +10,10 @@ import torch
 import yaml
 from helpers import (
     VOCAB,
-    Killed,
+    assert_same_run,
     deterministic_lines,
-    final_weights,
+    kill_and_resume,
     make_batch,
-    stop_at,
     tiny_config,
     write_config,
 )
@@ -29,12 +28,7 @@ from echoic.data.hotwords import (
 )
 from echoic.data.manifest import read_manifest, write_manifest
 from echoic.data.tokenizer import BpeTokenizer, CharTokenizer
-from echoic.decode.decoder import (
-    DecodeOptions,
-    ScorerSettings,
-    check_options,
-    load_experiment_model,
-)
+from echoic.decode.decoder import DecodeOptions, ScorerSettings, check_options
 from echoic.decode.run import decode_manifest
 from echoic.errors import ConfigError, EchoicError
 from echoic.models.bias import BiasEncoder, expand_hotwords, filter_hotwords, merge_posteriors
@@ -42,6 +36,7 @@ from echoic.models.contract import TakesHotwords, check_step_output
 from echoic.models.model import build_model
 from echoic.score import read_hypotheses, score_texts
 from echoic.train.config import load_experiment
+from echoic.train.experiment import load_experiment_model
 from echoic.train.trainer import Trainer
 
 DECODER = {"num_layers": 1, "num_heads": 2, "ffn_dim": 64, "dropout": 0.0}
@@ -336,15 +331,9 @@ def test_a_seaco_run_killed_in_stage_2_resumes_bit_identically(tmp_path, corpus,
         return Trainer(load_experiment(config), tmp_path / name / "exp", progress=False)
 
     assert trainer("reference").run() == 0
-    interrupted = trainer("resumed")
-    stop_at(interrupted, "7:1", "kill")
-    with pytest.raises(Killed):
-        interrupted.run()
-    assert trainer("resumed").run() == 0
-    got, expected = (final_weights(tmp_path / n / "exp") for n in ("resumed", "reference"))
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    kill_and_resume(lambda: trainer("resumed"), "7:1")
+    assert_same_run(tmp_path / "resumed" / "exp", tmp_path / "reference" / "exp")
     reference = deterministic_lines(tmp_path / "reference" / "exp")
-    assert deterministic_lines(tmp_path / "resumed" / "exp") == reference
     lines = [json.loads(line) for line in reference]
     assert {"loss_seaco", "stage"} <= set(lines[0])
     assert [r["stage"] for r in lines if r["split"] == "train"] == [1] * 4 + [2] * 4

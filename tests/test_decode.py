@@ -15,14 +15,10 @@ from echoic.cli import main
 from echoic.data.dataset import build_loader
 from echoic.data.manifest import read_manifest
 from echoic.decode.context import ContextGraph, Hotword, read_hotwords
-from echoic.decode.decoder import (
-    DecodeOptions,
-    available_methods,
-    decode_batch,
-    load_experiment_model,
-)
+from echoic.decode.decoder import DecodeOptions, available_methods, decode_batch
 from echoic.decode.search import attention_beam, attention_rescoring, ctc_prefix_beam
 from echoic.errors import EchoicError
+from echoic.train.experiment import load_experiment_model
 
 # Tests that use the session's `trained` models share one xdist worker (Makefile).
 pytestmark = pytest.mark.xdist_group("trained")
@@ -133,7 +129,14 @@ def test_beam_keeps_greedys_right_answers_or_finds_likelier_ones(trained, kind):
         # that one higher: a tiny model's ranking is not its accuracy. (Counting
         # agreements broke whenever the tiny fixture's rounding changed.)
         for i in changed:
-            assert second[i].score >= first[i].score - 1e-4, (greedy.method, i)
+            if second[i].score >= first[i].score - 1e-4:
+                continue
+            # Except where the search never scored the right answer: attention_beam stops
+            # once `beam` hypotheses have ended (as ESPnet's does), so a right answer longer
+            # than those is never finished. (Seen on a fixture trained on 2026-12-08: the
+            # right 36 tokens at -0.105 per token lost to 35 at -0.125.)
+            ended_later = len(first[i].tokens) > len(second[i].tokens)
+            assert greedy.method == "attention" and ended_later, (greedy.method, i)
 
 
 # Scores worked out by hand, one hypothesis at a time on the utterance's own frames (no

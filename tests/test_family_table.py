@@ -10,12 +10,12 @@ from typing import ClassVar
 
 import pytest
 import yaml
-from helpers import TINY, VOCAB, Killed, assert_same_run, stop_at, write_config
+from helpers import TINY, VOCAB, assert_same_run, kill_and_resume, write_config
 
 from echoic.cli import main
 from echoic.data.batch import Batch
 from echoic.data.manifest import read_manifest
-from echoic.decode.decoder import default_method, load_experiment_model
+from echoic.decode.decoder import default_method
 from echoic.errors import ConfigError
 from echoic.models.base import (
     EncoderModel,
@@ -28,6 +28,7 @@ from echoic.models.family import Family, register, unregister
 from echoic.models.heads.ctc import CtcConfig, CtcHead
 from echoic.score import read_hypotheses
 from echoic.train.config import load_experiment
+from echoic.train.experiment import load_experiment_model
 from echoic.train.trainer import Trainer
 
 # -- the toy family: this is all a new family needs ------------------------------------------
@@ -98,11 +99,7 @@ def test_a_registered_toy_family_trains_resumes_decodes_and_exports(
     assert Trainer(config, reference, progress=False).run() == 0
 
     exp = tmp_path / "exp"
-    trainer = Trainer(config, exp, progress=False)
-    stop_at(trainer, "5:1", "kill")  # mid-accumulation, nothing saved on the way out
-    with pytest.raises(Killed):
-        trainer.run()
-    assert Trainer(config, exp, progress=False).run() == 0  # resumes from step 3
+    kill_and_resume(lambda: Trainer(config, exp, progress=False), "5:1")  # mid-accumulation
     assert_same_run(exp, reference)
 
     model, _, _ = load_experiment_model(exp)
@@ -179,3 +176,25 @@ def test_every_built_in_family_follows_the_contract(name):
     frames = model.input_frames_for(2)
     assert frames >= 2 and model.seconds_for_input_frames(frames) > 0
     assert len(model.repeated_blocks()) >= 1
+
+
+def test_configs_saved_before_the_family_table_still_load():
+    """config.yaml of runs made before each family had its own section: the other
+    families' sections as null, and a HuBERT run's default frontend and encoder."""
+    from echoic.config import from_dict, to_dict
+    from echoic.models.encoders import EncoderConfig
+    from echoic.models.frontend import FrontendConfig
+    from echoic.models.model import ModelConfig
+
+    nulls = {"attention": None, "transducer": None, "paraformer": None, "hubert": None}
+    assert from_dict(ModelConfig, {"ctc": {}, **nulls}, "model").family == "asr"
+    old = {
+        "frontend": to_dict(FrontendConfig()),
+        "encoder": to_dict(EncoderConfig()),
+        "ctc": None,
+        "attention": None,
+        "transducer": None,
+        "paraformer": None,
+        "hubert": BUILT_IN["hubert"]["hubert"],
+    }
+    assert from_dict(ModelConfig, old, "model").family == "hubert"

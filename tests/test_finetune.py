@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Killed, deterministic_lines, final_weights, stop_at, write_config
+from helpers import (
+    assert_same_run,
+    deterministic_lines,
+    final_weights,
+    kill_and_resume,
+    write_config,
+)
 from safetensors.torch import load_file, save_file
 
 from echoic.data.tokenizer import load_tokenizer
@@ -14,8 +20,8 @@ from echoic.errors import ConfigError
 from echoic.train.checkpoint import list_checkpoints
 from echoic.train.config import load_experiment
 from echoic.train.distributed import unwrap
-from echoic.train.finetune import name_matches
 from echoic.train.plot import plot_curves
+from echoic.train.stages import name_matches
 from echoic.train.trainer import Trainer
 
 # Two stages of 4 steps (2 micro-batches each): first everything but the attention
@@ -115,16 +121,10 @@ def test_each_stage_trains_only_its_parameters_and_says_so(staged):
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["7:1", "5:0"])  # inside stage 2; just after its start
 def test_a_run_killed_in_stage_2_resumes_bit_identically(tmp_path, corpus, lang, staged, kill_at):
-    trainer = _trainer(tmp_path, corpus, lang, **STAGES)
-    stop_at(trainer, kill_at, "kill")
-    with pytest.raises(Killed):
-        trainer.run()
     # 7:1 resumes from step 6, inside stage 2; 5:0 from step 4, stage 1's last, saved
     # before the optimizer of stage 2 existed.
-    assert _trainer(tmp_path, corpus, lang, **STAGES).run() == 0
-    got, expected = final_weights(tmp_path / "exp"), final_weights(staged / "exp")
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
-    assert deterministic_lines(tmp_path / "exp") == deterministic_lines(staged / "exp")
+    kill_and_resume(lambda: _trainer(tmp_path, corpus, lang, **STAGES), kill_at)
+    assert_same_run(tmp_path / "exp", staged / "exp")
 
 
 def test_lr_scale_makes_param_groups_and_freeze_mode_eval_fixes_modules(tmp_path, corpus, lang):

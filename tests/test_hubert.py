@@ -12,7 +12,12 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from helpers import Killed, deterministic_lines, final_weights, stop_at
+from helpers import (
+    assert_same_run,
+    deterministic_lines,
+    final_weights,
+    kill_and_resume,
+)
 
 from echoic.data.batch import Batch
 from echoic.data.manifest import read_manifest, write_manifest
@@ -300,16 +305,9 @@ def test_a_hubert_run_killed_and_resumed_is_bit_identical(tmp_path, units, caplo
     with caplog.at_level("INFO"):
         assert trainer("reference").run() == 0
     assert "a uniform guess scores loss_m = log 12 = 2.485" in caplog.text
-    interrupted = trainer("resumed")
-    stop_at(interrupted, "5:0", "kill")
-    with pytest.raises(Killed):
-        interrupted.run()
-    assert trainer("resumed").run() == 0
-    got, expected = (final_weights(tmp_path / n / "exp") for n in ("resumed", "reference"))
-    assert got.keys() == expected.keys()
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    kill_and_resume(lambda: trainer("resumed"), "5:0")
+    assert_same_run(tmp_path / "resumed" / "exp", tmp_path / "reference" / "exp")
     reference = deterministic_lines(tmp_path / "reference" / "exp")
-    assert deterministic_lines(tmp_path / "resumed" / "exp") == reference
     lines = [json.loads(line) for line in reference]
     assert {"loss_m", "loss_u", "acc_m", "acc_u", "th_accuracy"} <= set(lines[0])
     first, last = lines[0]["loss_m"], [r for r in lines if r["split"] == "train"][-1]["loss_m"]
@@ -320,8 +318,8 @@ def test_export_to_huggingface_loads_in_transformers_and_the_ssl_frontend(tmp_pa
     import transformers
 
     from echoic.cli import main
-    from echoic.decode.decoder import load_experiment_model
     from echoic.models.ssl import SslFrontend, SslFrontendConfig
+    from echoic.train.experiment import load_experiment_model
 
     config = _experiment(tmp_path, units, max_steps=2, valid_every=None)
     assert Trainer(load_experiment(config), tmp_path / "exp", progress=False).run() == 0

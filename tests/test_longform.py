@@ -209,8 +209,9 @@ def test_one_utterance_is_decoded_whole_as_before(trained, tmp_path, monkeypatch
     without segmentation; its one segment spans the file."""
     import echoic.decode.transcribe as transcribe_module
     from echoic.data.features import compute_fbank
-    from echoic.decode.decoder import decode_batch, load_experiment_model
+    from echoic.decode.decoder import decode_batch
     from echoic.decode.transcribe import transcribe
+    from echoic.train.experiment import load_experiment_model
 
     exp, manifest = trained("hybrid")
     utterance = read_manifest(manifest).utterances[0]

@@ -7,11 +7,10 @@ import pytest
 import torch
 from helpers import (
     VOCAB,
-    Killed,
+    assert_same_run,
     deterministic_lines,
-    final_weights,
+    kill_and_resume,
     make_batch,
-    stop_at,
     tiny_config,
     write_config,
 )
@@ -24,7 +23,6 @@ from echoic.decode.decoder import (
     check_options,
     decode_batch,
     default_method,
-    load_experiment_model,
 )
 from echoic.decode.run import decode_manifest
 from echoic.errors import ConfigError, EchoicError
@@ -32,6 +30,7 @@ from echoic.models.contract import check_step_output
 from echoic.models.model import ModelConfig, build_model
 from echoic.score import read_hypotheses, score_texts
 from echoic.train.config import load_experiment
+from echoic.train.experiment import load_experiment_model
 from echoic.train.trainer import Trainer
 
 DECODER = {"num_layers": 1, "num_heads": 2, "ffn_dim": 64, "dropout": 0.0}
@@ -128,15 +127,9 @@ def test_a_paraformer_run_killed_mid_epoch_resumes_bit_identically(tmp_path, cor
         return Trainer(load_experiment(config), tmp_path / name / "exp", progress=False)
 
     assert trainer("reference").run() == 0
-    interrupted = trainer("resumed")
-    stop_at(interrupted, "12:0", "kill")
-    with pytest.raises(Killed):
-        interrupted.run()
-    assert trainer("resumed").run() == 0
-    got, expected = (final_weights(tmp_path / n / "exp") for n in ("resumed", "reference"))
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    kill_and_resume(lambda: trainer("resumed"), "12:0")
+    assert_same_run(tmp_path / "resumed" / "exp", tmp_path / "reference" / "exp")
     reference = deterministic_lines(tmp_path / "reference" / "exp")
-    assert deterministic_lines(tmp_path / "resumed" / "exp") == reference
     keys = set(json.loads(reference[0]))
     assert {"loss_att", "loss_pre", "th_accuracy"} <= keys
 

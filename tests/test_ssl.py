@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_upstream
-from helpers import Killed, final_weights, stop_at, write_config
+from helpers import assert_same_run, final_weights, kill_and_resume, write_config
 from safetensors.torch import load_file
 
 from echoic.data.batch import Batch
 from echoic.data.manifest import read_manifest
-from echoic.decode.decoder import DecodeOptions, load_experiment_model
+from echoic.decode.decoder import DecodeOptions
 from echoic.decode.export import CtcPath, OnnxModel, export_info, export_model, quantize_onnx
 from echoic.decode.run import _onnx_outputs, decode_manifest
 from echoic.decode.transcribe import transcribe
@@ -25,6 +25,7 @@ from echoic.errors import ConfigError, EchoicError
 from echoic.models.ssl import SslFrontend, SslFrontendConfig
 from echoic.train.checkpoint import list_checkpoints
 from echoic.train.config import load_experiment
+from echoic.train.experiment import load_experiment_model
 from echoic.train.trainer import Trainer
 
 
@@ -295,14 +296,10 @@ def test_unfreezing_takes_effect_at_step_n_and_resume_after_it_is_exact(
         else:
             assert any(k.startswith("encoder.layers.") for k in changed), f"step {step}"
 
-    trainer = Trainer(load_experiment(config), tmp_path / "resumed", progress=False)
-    stop_at(trainer, "3:0", "kill")
-    with pytest.raises(Killed):
-        trainer.run()
-    _train(config, tmp_path / "resumed")
-    got, expected = final_weights(tmp_path / "resumed"), final_weights(tmp_path / "reference")
-    assert got.keys() == expected.keys()
-    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+    kill_and_resume(
+        lambda: Trainer(load_experiment(config), tmp_path / "resumed", progress=False), "3:0"
+    )
+    assert_same_run(tmp_path / "resumed", tmp_path / "reference")
 
 
 @pytest.mark.slow

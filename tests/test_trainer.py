@@ -41,7 +41,7 @@ from echoic.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from echoic.train.config import breaking_changes, load_experiment
+from echoic.train.config import TrainConfig, breaking_changes, load_experiment
 from echoic.train.metrics import MetricSums
 from echoic.train.trainer import Trainer, TrainingAborted
 
@@ -123,12 +123,11 @@ def test_config_errors_are_one_line(tmp_path, corpus, lang):
     config = write_config(tmp_path, corpus, lang, train={"max_step": 3})
     done = echoic("train", str(config), "--exp", str(tmp_path / "exp"))
     assert done.returncode == 2
+    # One line naming the key, a close match and the section's keys, whichever they are.
+    allowed = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
     assert done.stderr.strip().splitlines() == [
         f"echoic: error: {config}: unknown key 'train.max_step'; did you mean 'max_steps'? "
-        "(allowed in 'train': seed, max_steps, max_epochs, accum_grad, precision, device, "
-        "deterministic, gradient_checkpointing, compile, distributed, log_every, valid_every, "
-        "save_every_steps, save_every_minutes, "
-        "keep_last, keep_best, best_metric, best_mode, max_bad_steps, oom_shrink, num_threads)"
+        f"(allowed in 'train': {allowed})"
     ]
     good = write_config(tmp_path, corpus, lang)
     for override, message in [

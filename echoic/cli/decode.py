@@ -212,9 +212,9 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from echoic.decode.decoder import load_experiment_model
     from echoic.decode.export import export_info, export_model, quantize_onnx, write_export_info
     from echoic.models.contract import HuggingFaceExport
+    from echoic.train.experiment import load_experiment_model
 
     model, _, _ = load_experiment_model(
         args.exp, checkpoint=args.checkpoint, average_last=args.average_last

@@ -1,7 +1,8 @@
-"""Decoding methods by name, the options they take, and loading a trained model.
+"""Decoding methods by name and the options they take.
 
-Each method names the heads it needs; `available_methods(model)` lists the ones a
-model supports, and asking for another is a one-line error listing those.
+A model names the methods it can run (`decode_methods`, echoic.models.contract);
+`available_methods(model)` lists them, and asking for another is a one-line error
+listing those. Loading a trained model is echoic.train.experiment's.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from echoic.data.batch import Batch
 from echoic.data.hotwords import hotword_tensors, phrase_tokens
-from echoic.data.tokenizer import Tokenizer, load_tokenizer
+from echoic.data.tokenizer import Tokenizer
 from echoic.decode.context import ContextGraph, read_hotwords
 from echoic.decode.lm import LM_WEIGHT, WORD_BONUS, ScorerSum, WordLM
 from echoic.decode.search import (
@@ -28,12 +27,9 @@ from echoic.decode.search import (
     rnnt_beam,
     rnnt_greedy,
 )
-from echoic.errors import ConfigError, EchoicError
+from echoic.errors import EchoicError
 from echoic.models.base import EncoderModel
 from echoic.models.contract import TakesHotwords, TrainableModel
-from echoic.models.model import build_model
-from echoic.train.checkpoint import average_weights, list_checkpoints, load_checkpoint
-from echoic.train.config import ExperimentConfig, parse_experiment
 
 
 @dataclass(frozen=True)
@@ -271,48 +267,3 @@ def decode_ctc_log_probs(
 
 def _best(nbests: list[list[Hypothesis]]) -> list[Hypothesis]:
     return [nbest[0] if nbest else Hypothesis((), float("-inf")) for nbest in nbests]
-
-
-# -- loading a trained experiment -------------------------------------------------------------
-
-
-def load_experiment_model(
-    exp_dir: str | Path, *, checkpoint: str | None = None, average_last: int | None = None
-) -> tuple[EncoderModel, Tokenizer, ExperimentConfig]:
-    """The model of an experiment folder, in eval mode: the newest checkpoint, a given
-    checkpoint folder or .safetensors file, or the average of the last K checkpoints."""
-    exp_dir = Path(exp_dir)
-    config_path = exp_dir / "config.yaml"
-    if not config_path.is_file():
-        raise EchoicError(
-            f"{exp_dir} is not an experiment folder (no config.yaml): train one with `echoic train`"
-        )
-    try:
-        config = parse_experiment(
-            yaml.safe_load(config_path.read_text()) or {}, where=str(config_path)
-        )
-    except ConfigError as error:
-        raise EchoicError(str(error)) from None
-    tokenizer = load_tokenizer(exp_dir / "tokenizer.json")
-    model = build_model(config.model, tokenizer.vocab_size)
-    checkpoints = list_checkpoints(exp_dir / "checkpoints")
-    if average_last:
-        if len(checkpoints) < average_last:
-            raise EchoicError(
-                f"--average-last {average_last}: {exp_dir} has {len(checkpoints)} checkpoints"
-            )
-        weights = average_weights(checkpoints[-average_last:])
-    elif checkpoint:
-        path = Path(checkpoint)
-        if path.is_dir():
-            weights, _ = load_checkpoint(path)
-        elif path.is_file():
-            weights = load_file(path)
-        else:
-            raise EchoicError(f"checkpoint not found: {path}")
-    else:
-        if not checkpoints:
-            raise EchoicError(f"{exp_dir} has no checkpoints yet")
-        weights, _ = load_checkpoint(checkpoints[-1])
-    model.load_state_dict(weights, strict=True)
-    return model.eval(), tokenizer, config

@@ -33,13 +33,13 @@ from echoic.decode.decoder import (
     check_options,
     decode_batch,
     decode_ctc_log_probs,
-    load_experiment_model,
     with_scorer,
 )
 from echoic.decode.export import ONNX_FILE, OnnxModel
 from echoic.decode.search import Hypothesis
 from echoic.errors import EchoicError
 from echoic.models.cif import decoded_rows
+from echoic.train.experiment import load_experiment_model
 
 # What runs on an exported graph, by the outputs it has: the CTC searches on the
 # log-probabilities, a Paraformer's one pass on its tokens.

@@ -31,12 +31,12 @@ from echoic.decode.decoder import (
     check_options,
     decode_batch,
     default_method,
-    load_experiment_model,
     with_scorer,
 )
 from echoic.decode.segment import SegmentOptions, SileroVad, find_segments
 from echoic.errors import AudioError, EchoicError
 from echoic.models.base import EncoderModel
+from echoic.train.experiment import load_experiment_model
 
 # Padded fbank frames per batch of segments, 200 s of audio: `echoic decode`'s default
 # --max-frames, so a long file needs no more memory than decoding a manifest does.

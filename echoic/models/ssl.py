@@ -347,7 +347,7 @@ class SslFrontend(nn.Module):
             log.info("step %d: the SSL upstream is trained from here on", step + 1)
         self.frozen = frozen
         # Set every time, not only on a change: a fine-tuning stage may have set them
-        # (echoic/train/finetune.py), and this is the upstream's own schedule.
+        # (echoic/train/stages.py), and this is the upstream's own schedule.
         fixed = {id(p) for p in self._fixed_parameters()}
         for parameter in self.upstream.parameters():
             parameter.requires_grad_(not frozen and id(parameter) not in fixed)

@@ -269,8 +269,8 @@ def unit_agreement(
     import torch
 
     from echoic.decode.align import ctc_forced_align
-    from echoic.decode.decoder import load_experiment_model
     from echoic.decode.transcribe import inputs_batch
+    from echoic.train.experiment import load_experiment_model
 
     model, tokenizer, _ = load_experiment_model(align_exp)
     if getattr(model, "ctc", None) is None:

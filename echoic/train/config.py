@@ -90,7 +90,7 @@ class InitConfig:
     # An experiment folder (its best checkpoint by dev, else its newest), a checkpoint
     # folder, or a .safetensors file (a checkpoint's, or `echoic average`'s).
     checkpoint: str
-    include: list[str] = field(default_factory=list)  # names (see finetune.py); [] = all
+    include: list[str] = field(default_factory=list)  # names (see echoic/train/stages.py); [] = all
     exclude: list[str] = field(default_factory=list)
     rename: dict[str, str] = field(default_factory=dict)  # checkpoint prefix -> model prefix
     strict: bool = True  # a missing, unexpected or mis-shaped key is an error
@@ -136,7 +136,7 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     init: InitConfig | None = None
-    # Parameter names (echoic/train/finetune.py): a name is a parameter or any dotted
+    # Parameter names (echoic/train/stages.py): a name is a parameter or any dotted
     # prefix of one, '*' standing for one part (encoder.layers.*.conv).
     freeze: list[str] = field(default_factory=list)
     # eval: frozen modules also stay in eval mode (fixed dropout and BatchNorm statistics)

@@ -17,6 +17,12 @@ Exact resume rests on four rules:
 
 The loop reads nothing model-specific: a forward returns a StepOutput, and every
 metric it declares is summed, reduced across ranks and logged the same way.
+
+Over 600 lines on purpose: this is the loop and the state it changes step by step
+(position, window, budgets, stage, bad steps, best results), read top to bottom. What
+has a job of its own is a module of its own: the experiment folder (experiment), the
+checkpoint state (state), stages and init, checkpoints, distributed collectives,
+metrics, faults and the probe.
 """
 
 from __future__ import annotations
@@ -24,18 +30,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import random
 import resource
-import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from echoic.data.batch import BATCH_TENSORS, Batch
@@ -48,14 +51,10 @@ from echoic.models.contract import ProbeFeatures, StepOutput, check_step_output
 from echoic.models.model import build_model
 from echoic.seeding import derive_seed
 from echoic.train import checkpoint as ckpt
-from echoic.train import finetune
+from echoic.train import experiment, init, stages
 from echoic.train.compiled import compile_blocks, compile_counts
 from echoic.train.config import (
     ExperimentConfig,
-    breaking_changes,
-    config_differences,
-    dump_experiment,
-    parse_experiment,
 )
 from echoic.train.distributed import (
     BatchNormStatistics,
@@ -75,10 +74,19 @@ from echoic.train.faults import PausePoint, StopRequest, is_out_of_memory
 from echoic.train.metrics import MetricsLog, MetricSums
 from echoic.train.probe import Probe
 from echoic.train.schedule import learning_rate
+from echoic.train.state import TrainState, check_version, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: the running epoch's max_frames, utterances the model left out
+
+@dataclass
+class Snapshot:
+    """A step boundary's state, taken when the boundary is reached and written when a
+    checkpoint is due (possibly after the next window began): the TrainState fields
+    known then, and the module buffers as they were."""
+
+    state: TrainState
+    buffers: dict[str, torch.Tensor]
 
 
 class TrainingAborted(EchoicError):
@@ -105,92 +113,30 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------
 
-    def _resume_point(self) -> Path | None:
-        directory = self.exp_dir / "checkpoints"
-        if self.resume == "none":
-            if ckpt.list_checkpoints(directory):
-                raise EchoicError(
-                    f"{self.exp_dir} already has checkpoints: use --resume auto, or another --exp"
-                )
-            return None
-        if self.resume == "auto":
-            return ckpt.newest_valid(directory)
-        path = Path(self.resume)
-        if not path.is_dir():
-            raise EchoicError(f"checkpoint to resume from not found: {path}")
-        return path
-
-    def _check_config(self, state: dict[str, Any] | None) -> None:
-        """On resume: warn about config changes, refuse those that break exactness."""
-        saved = self.exp_dir / "config.yaml"
-        if state is None or not saved.is_file():
-            return
-        try:
-            old = parse_experiment(yaml.safe_load(saved.read_text()) or {}, where=str(saved))
-        except ConfigError as error:
-            raise EchoicError(f"cannot compare with the run's saved config: {error}") from None
-        changes = [f"{key}: {a!r} -> {b!r}" for key, a, b in config_differences(old, self.config)]
-        # accum_grad may change with the number of processes: their product is what counts.
-        breaking = breaking_changes(old, self.config)
-        breaking.pop("train.accum_grad", None)
-        global_accum = self.config.train.accum_grad * self.runtime.world_size
-        if global_accum != state["global_accum"]:
-            breaking["accum_grad x processes"] = ""
-            changes.append(f"accum_grad x processes: {state['global_accum']!r} -> {global_accum!r}")
-        listed = "; ".join(changes)
-        if breaking and not self.allow_config_change:
-            keys = "; ".join(f"{key}, {why}" if why else key for key, why in breaking.items())
-            raise ConfigError(
-                f"the config changed in ways that break exact resume ({keys}); "
-                f"pass --allow-config-change to resume anyway. Changes: {listed}"
-            )
-        if changes:
-            log.warning("resuming with a changed config: %s", listed)
-
-    def _prepare_exp_dir(self, resuming: bool) -> None:
-        if not self.runtime.is_main:
-            return
-        self.exp_dir.mkdir(parents=True, exist_ok=True)
-        (self.exp_dir / "config.yaml").write_text(dump_experiment(self.config))
-        lang = Path(self.config.data.lang)
-        for name, needed in (("tokenizer.json", True), ("cmvn.json", self._wants_cmvn())):
-            target = self.exp_dir / name
-            if resuming and target.is_file():
-                continue  # the run keeps the tokenizer and statistics it started with
-            if not (lang / name).is_file():
-                if needed:
-                    raise EchoicError(
-                        f"{lang / name} not found: run `echoic prepare --out {lang}` first"
-                    )
-                continue
-            shutil.copyfile(lang / name, target)
-
-    def _wants_cmvn(self) -> bool:
-        return self.config.model.wants_cmvn
-
     def _setup(self) -> dict[str, Any] | None:
         train = self.config.train
         self.runtime = setup_runtime(train.device, train.deterministic, train.num_threads)
         rt = self.runtime
         if not rt.is_main:
             logging.getLogger("echoic").setLevel(logging.WARNING)  # one voice for progress
-        resume_from = self._resume_point()
-        weights, state = (None, None)
+        resume_from = experiment.resume_point(self.exp_dir, self.resume)
+        weights, saved = (None, None)  # the checkpoint's state as saved, read below
         if resume_from is not None:
-            weights, state = ckpt.load_checkpoint(resume_from)
-            if state.get("version") not in (1, STATE_VERSION):
-                raise EchoicError(
-                    f"{resume_from}: checkpoint state version {state.get('version')} "
-                    "is not supported"
-                )
-            log.info("resuming from %s (step %d)", resume_from, state["step"])
-        self._check_config(state)
-        self._prepare_exp_dir(state is not None)
+            weights, saved = ckpt.load_checkpoint(resume_from)
+            check_version(saved, str(resume_from))
+            log.info("resuming from %s (step %d)", resume_from, saved["step"])
+        if saved is not None:
+            experiment.check_config_change(
+                self.exp_dir, self.config, saved["global_accum"], rt.world_size,
+                allow=self.allow_config_change,
+            )  # fmt: skip
+        if rt.is_main:
+            experiment.prepare(self.exp_dir, self.config, resuming=saved is not None)
         if rt.distributed:
             torch.distributed.barrier()
 
         tokenizer = load_tokenizer(self.exp_dir / "tokenizer.json")
-        cmvn = CmvnStats.load(self.exp_dir / "cmvn.json") if self._wants_cmvn() else None
+        cmvn = CmvnStats.load(self.exp_dir / "cmvn.json") if self.config.model.wants_cmvn else None
         torch.manual_seed(train.seed)
         model = build_model(self.config.model, tokenizer.vocab_size, cmvn)
         model.set_gradient_checkpointing(train.gradient_checkpointing)
@@ -198,11 +144,11 @@ class Trainer:
             load_model_weights(model, weights)
         elif self.config.init is not None:  # a new run that starts from other weights
             report_dir = self.exp_dir if rt.is_main else None
-            finetune.initialize(model, self.config.init, tokenizer, report_dir)
-        finetune.check_stage_names(self.config, model)
-        self.stages = finetune.plan_stages(self.config)
-        self.stage_position = finetune.StagePosition(**(state or {}).get("stage", {}))
-        trained_sets = {tuple(finetune.frozen_names(model, stage)) for stage in self.stages}
+            init.initialize(model, self.config.init, tokenizer, report_dir)
+        stages.check_stage_names(self.config, model)
+        self.stages = stages.plan_stages(self.config)
+        self.stage_position = stages.StagePosition(**(saved or {}).get("stage", {}))
+        trained_sets = {tuple(stages.frozen_names(model, stage)) for stage in self.stages}
         if rt.distributed and len(trained_sets) > 1:
             raise ConfigError(
                 "stages that change what is trained do not work under torchrun yet: DDP "
@@ -210,15 +156,16 @@ class Trainer:
             )
         # What is trained at the step resumed from (the stage's, and an SSL upstream
         # unfrozen after N steps): the optimizer state is matched to it when loaded.
-        self._enter_stage(model, state["step"] if state else 0)
+        self._enter_stage(model, saved["step"] if saved else 0)
         self.metric_units = model.metric_units
         if train.best_metric not in self.metric_units:
             raise ConfigError(
                 f"train.best_metric '{train.best_metric}' is not a metric of this model "
                 f"({', '.join(self.metric_units)})"
             )
-        if state is not None and state["version"] == 1:
-            state = _upgrade_state_v1(state, self.metric_units)
+        state = None
+        if saved is not None:
+            state = TrainState.from_state_dict(saved, self.metric_units, str(resume_from))
         self.input_spec = model.input_spec
         self.probe: Probe | None = None  # loaded at its first use
         if self.config.probe is not None and not isinstance(model, ProbeFeatures):
@@ -255,8 +202,8 @@ class Trainer:
         # Two budgets: an out-of-memory batch shrinks the one for the epochs to come,
         # while the running epoch keeps the batches it was planned with; a resume rebuilds
         # those, not the shrunk epoch's, or utterances would be repeated and skipped.
-        self.max_frames = state["max_frames"] if state else data.max_frames
-        self.epoch_max_frames = state["epoch_max_frames"] if state else data.max_frames
+        self.max_frames = state.max_frames if state else data.max_frames
+        self.epoch_max_frames = state.epoch_max_frames if state else data.max_frames
         data_config = dataclasses.replace(
             data, min_duration=min_duration, max_frames=self.epoch_max_frames
         )
@@ -301,41 +248,37 @@ class Trainer:
         self.dropped: Counter[str] = Counter()
         self.dropped_examples: dict[str, str] = {}
         if state is not None:
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-            if self.scaler is not None and state["scaler"] is not None:
-                self.scaler.load_state_dict(state["scaler"])
-            self.step, self.epoch, self.batch_index = (
-                state["step"],
-                state["epoch"],
-                state["batch_index"],
-            )
-            self.bad_steps = state["bad_steps"]
-            self.best = [list(b) for b in state["best"]]
-            self.tracker.load_state_dict(state["tracker"])
-            self.dropped = Counter(state["dropped"]["counts"])
-            self.dropped_examples = dict(state["dropped"]["examples"])
-            _set_rng_state(state["rng"])
+            load_optimizer_state(self.model, self.optimizer, state.optimizer)
+            if self.scaler is not None and state.scaler is not None:
+                self.scaler.load_state_dict(state.scaler)
+            self.step, self.epoch, self.batch_index = state.step, state.epoch, state.batch_index
+            self.bad_steps = state.bad_steps
+            self.best = [list(b) for b in state.best]
+            self.tracker.load_state_dict(state.tracker)
+            self.dropped = Counter(state.dropped["counts"])
+            self.dropped_examples = dict(state.dropped["examples"])
+            set_rng_state(state.rng)
             # The checkpoint just loaded holds this state: a run resumed after its end
             # must not write it again.
             self._last_saved = (self.step, self.epoch, self.batch_index)
         self.metrics_log = MetricsLog(
             self.exp_dir,
             enabled=rt.is_main,
-            resume_offset=state["metrics_offset"] if state else None,
+            resume_offset=state.metrics_offset if state else None,
             resume_step=self.step,
         )
         return state
 
-    # -- stages (echoic/train/finetune.py) --------------------------------------------------
+    # -- stages (echoic/train/stages.py) --------------------------------------------------
 
     @property
-    def stage(self) -> finetune.Stage:
+    def stage(self) -> stages.Stage:
         return self.stages[self.stage_position.index]
 
     def _enter_stage(self, model: torch.nn.Module, step: int) -> None:
         """Make the running stage's parameters the trained ones (model unwrapped)."""
         stage = self.stage
-        frozen = set(finetune.frozen_names(model, stage))
+        frozen = set(stages.frozen_names(model, stage))
         # What the model trains (all but, say, an SSL upstream's fixed parts), less the
         # stage's frozen names; the model's start_step then applies its own schedule.
         trained = {id(p) for group in model.parameter_groups() for p in group["params"]}
@@ -352,10 +295,10 @@ class Trainer:
         model.start_step(step)
         self._apply_freeze()
         self._eval_modules = (
-            finetune.eval_modules(model, frozen) if self.config.freeze_mode == "eval" else []
+            stages.eval_modules(model, frozen) if self.config.freeze_mode == "eval" else []
         )
         where = f"stage {stage.name}" if self.config.stages else "training"
-        log.info("%s, parameters:\n%s", where, finetune.parameter_table(model, frozen))
+        log.info("%s, parameters:\n%s", where, stages.parameter_table(model, frozen))
 
     def _apply_freeze(self) -> None:
         for parameter in self._frozen:
@@ -366,7 +309,7 @@ class Trainer:
         module = unwrap(self.model)
         # A group per learning-rate scale (lr_scale names, an SSL upstream's own);
         # frozen and never trained parameters are in none, so no weight decay either.
-        groups = finetune.parameter_groups(
+        groups = stages.parameter_groups(
             module, module.parameter_groups(), self._frozen, self.config.lr_scale
         )
         optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
@@ -385,7 +328,7 @@ class Trainer:
         """At a step boundary: enter the next stage when the running one is done, with
         an optimizer for the new trained set (fresh moments)."""
         while self.stage.index + 1 < len(self.stages) and self._stage_over():
-            self.stage_position = finetune.StagePosition(
+            self.stage_position = stages.StagePosition(
                 self.stage.index + 1, self.step, self.epoch, self.batch_index
             )
             log.info("step %d: stage %s begins", self.step + 1, self.stage.name)
@@ -395,7 +338,7 @@ class Trainer:
             self.bar.set_description(f"train {self.stage.name}")
 
     def _stage_over(self) -> bool:
-        return finetune.stage_over(
+        return stages.stage_over(
             self.stage, self.stage_position, self.step, self.epoch, self.batch_index
         )
 
@@ -432,25 +375,25 @@ class Trainer:
             or last_stage_done
         )
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self) -> Snapshot:
         """The state at a step boundary that is not in the parameters and optimizer:
         position, metric sums, and module buffers (BatchNorm statistics, which forward
         passes do change during an accumulation window)."""
         buffers = {
             name: value.detach().clone() for name, value in unwrap(self.model).named_buffers()
         }
-        return {
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
+        state = TrainState(
+            epoch=self.epoch,
+            batch_index=self.batch_index,
             # Budgets as they were at the boundary: a resumed run that recomputes an
             # out-of-memory batch shrinks them again itself, once, as the first run did.
-            "max_frames": self.max_frames,
-            "epoch_max_frames": self.epoch_max_frames,
-            "tracker": self.tracker.state_dict(),
-            "dropped": {"counts": dict(self.dropped), "examples": dict(self.dropped_examples)},
-            "buffers": buffers,
-            "stage": self.stage_position.state_dict(),
-        }
+            max_frames=self.max_frames,
+            epoch_max_frames=self.epoch_max_frames,
+            tracker=self.tracker.state_dict(),
+            dropped={"counts": dict(self.dropped), "examples": dict(self.dropped_examples)},
+            stage=self.stage_position.state_dict(),
+        )
+        return Snapshot(state, buffers)
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
@@ -874,9 +817,9 @@ class Trainer:
         if rt.distributed:
             torch.distributed.barrier()
 
-    def _save(self, snapshot: dict[str, Any], reason: str) -> None:
+    def _save(self, snapshot: Snapshot, reason: str) -> None:
         rt = self.runtime
-        key = (self.step, snapshot["epoch"], snapshot["batch_index"])
+        key = (self.step, snapshot.state.epoch, snapshot.state.batch_index)
         if key == getattr(self, "_last_saved", None):
             log.info(
                 "checkpoint %s already holds this state (%s)",
@@ -891,22 +834,21 @@ class Trainer:
             optimizer = optimizer_state(self.model, self.optimizer)
         if rt.is_main:
             # Buffers as they were at the step boundary the snapshot describes.
-            weights.update({k: v.cpu() for k, v in snapshot["buffers"].items() if k in weights})
-            state = {
-                "version": STATE_VERSION,
-                "step": self.step,
-                **{k: v for k, v in snapshot.items() if k != "buffers"},
-                "optimizer": optimizer,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": _rng_state(),
-                "best": self.best,
-                "bad_steps": self.bad_steps,
-                "global_accum": self.config.train.accum_grad * rt.world_size,
-                "metrics_offset": self.metrics_log.offset(),
-            }
+            weights.update({k: v.cpu() for k, v in snapshot.buffers.items() if k in weights})
+            state = dataclasses.replace(
+                snapshot.state,
+                step=self.step,
+                optimizer=optimizer,
+                scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                rng=rng_state(),
+                best=self.best,
+                bad_steps=self.bad_steps,
+                global_accum=self.config.train.accum_grad * rt.world_size,
+                metrics_offset=self.metrics_log.offset(),
+            )
             directory = self.exp_dir / "checkpoints"
             try:
-                path = ckpt.save_checkpoint(directory, self.step, weights, state)
+                path = ckpt.save_checkpoint(directory, self.step, weights, state.state_dict())
                 ckpt.prune(
                     directory, self.config.train.keep_last, {int(step) for _, step in self.best}
                 )
@@ -938,21 +880,6 @@ def _dropped_summary(counts: Counter[str], examples: dict[str, str]) -> str:
     return f"the model left out {sum(counts.values())} utterances, as skips ({parts})"
 
 
-def _upgrade_state_v1(state: dict[str, Any], metric_keys: Iterable[str]) -> dict[str, Any]:
-    """A version-1 state in version 2's form. Version 1 had one max_frames for the
-    running epoch and the next ones (exact unless an out-of-memory batch shrank it), and
-    metric sums only for the keys seen in the window, None for a model's missing heads."""
-    sums = state["tracker"]["sums"]
-    tracker = {k: sums[k] if sums.get(k) is not None else [0.0, 0.0] for k in metric_keys}
-    return {
-        **state,
-        "version": 2,
-        "epoch_max_frames": state["max_frames"],
-        "tracker": {"sums": tracker},
-        "dropped": {"counts": {}, "examples": {}},
-    }
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if device.type == "cpu":
         return batch
@@ -961,29 +888,3 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
         if value is not None:
             setattr(batch, name, value.to(device, non_blocking=True))
     return batch
-
-
-def _rng_state() -> dict[str, Any]:
-    """Global generators, for code outside echoic that may draw from them (echoic's own
-    randomness is reseeded per batch and does not need them)."""
-    numpy_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-        "numpy_pos": int(numpy_state[2]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(
-        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
