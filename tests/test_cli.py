@@ -68,3 +68,26 @@ def test_decode_help_says_what_is_batched_and_what_the_rtfs_count(capsys):
         "--workers",
     ):
         assert words in text, words
+
+
+def test_average_best_says_why_it_has_nothing_to_average(tmp_path, capsys):
+    """`average --best` names the real cause: no dev results, a metric the run does not
+    record (with the ones it does), or no kept checkpoint with a dev result."""
+    import json
+
+    exp = tmp_path / "exp"
+    for step in (4, 6):
+        (exp / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    metrics = exp / "metrics.jsonl"
+    metrics.write_text(json.dumps({"split": "train", "step": 2, "loss": 3.0}) + "\n")
+    assert main(["average", "--exp", str(exp), "--best", "2"]) == 2
+    assert "has none (train with data.dev); use --last" in capsys.readouterr().err
+    dev = {"split": "dev", "step": 2, "epoch": 0, "loss": 1.5, "th_accuracy": 0.25}
+    metrics.write_text(json.dumps(dev) + "\n")
+    assert main(["average", "--exp", str(exp), "--best", "2", "--metric", "wer"]) == 2
+    assert "--metric wer: this run's dev results have no such metric; they record loss, " \
+        "th_accuracy" in capsys.readouterr().err  # fmt: skip
+    assert main(["average", "--exp", str(exp), "--best", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "none of the checkpoints with a dev result is kept" in error
+    assert "(2 kept: step-00000004, step-00000006); use --last" in error

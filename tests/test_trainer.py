@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from echoic.data.augment import speed_perturb
 from echoic.data.features import FbankConfig
 from echoic.data.manifest import read_manifest, write_manifest
-from echoic.errors import ConfigError
+from echoic.errors import ConfigError, EchoicError
 from echoic.models.asr import AsrModel
 from echoic.models.contract import Metric
 from echoic.train.checkpoint import (
@@ -193,6 +193,16 @@ def test_config_changes_on_resume(tmp_path, corpus, lang, caplog):
         assert run("optim.lr=0.01", "train.max_steps=5", allow=True) == 0
     assert "optim.lr: 0.002 -> 0.01" in caplog.text
     assert "lr: 0.01" in (exp / "config.yaml").read_text()  # the saved config follows the run
+    # Another architecture: one line, even with --allow-config-change (a traceback of
+    # size mismatches before).
+    with pytest.raises(EchoicError) as error:
+        run("model.encoder.conformer.d_model=48", "train.max_steps=6", allow=True)
+    message = str(error.value)
+    assert "step-00000005: its weights do not fit the model the config builds now" in message
+    assert "of other shape (first encoder.subsampling.convs.0.weight [32, 1, 3, 3] in" in message
+    assert "a resume cannot change the architecture" in message and "\n" not in message
+    assert "d_model: 32" in (exp / "config.yaml").read_text()  # the refused run wrote nothing
+    assert run("optim.lr=0.01", "train.max_steps=6") == 0  # and the run goes on as it was
 
 
 def _in_process(tmp_path, corpus, lang, **sections) -> Trainer:

@@ -82,11 +82,19 @@ def run_average(args: argparse.Namespace) -> None:
     directory = Path(args.exp) / "checkpoints"
     paths = list_checkpoints(directory)
     if args.best:
-        dev = [
-            r
-            for r in read_metrics(Path(args.exp) / "metrics.jsonl")
-            if r["split"] == "dev" and r.get(args.metric) is not None
-        ]
+        lines = [r for r in read_metrics(Path(args.exp) / "metrics.jsonl") if r["split"] == "dev"]
+        if not lines:
+            raise EchoicError(
+                f"--best needs dev results, and {args.exp}/metrics.jsonl has none "
+                "(train with data.dev); use --last"
+            )
+        dev = [r for r in lines if r.get(args.metric) is not None]
+        if not dev:
+            recorded = sorted({k for r in lines for k, v in r.items() if isinstance(v, float)})
+            raise EchoicError(
+                f"--metric {args.metric}: this run's dev results have no such metric; "
+                f"they record {', '.join(recorded)}"
+            )
         ranked = sorted(dev, key=lambda r: r[args.metric], reverse=args.mode == "max")
         saved = {int(p.name.split("-")[1]): p for p in paths}
         # One entry per step: a step may have more than one dev line (older runs
@@ -97,6 +105,11 @@ def run_average(args: argparse.Namespace) -> None:
     else:
         chosen = paths[-args.last :]
         what = f"last-{args.last}"
+    if not chosen and args.best:
+        raise EchoicError(
+            f"none of the checkpoints with a dev result is kept in {directory} "
+            f"({len(paths)} kept: {', '.join(p.name for p in paths) or 'none'}); use --last"
+        )
     if not chosen:
         raise EchoicError(f"no checkpoints to average in {directory}")
     out = Path(args.out) if args.out else Path(args.exp) / f"average-{what}.safetensors"

@@ -91,10 +91,11 @@ def check_config_change(
 
 
 def prepare(exp_dir: Path, config: ExperimentConfig, *, resuming: bool) -> None:
-    """Write the config, and copy the tokenizer and CMVN statistics from data.lang (a
-    resumed run keeps the ones it started with)."""
+    """Copy the tokenizer and CMVN statistics from data.lang (a resumed run keeps the
+    ones it started with). The config is written once the model is built and any
+    checkpoint loaded (`write_config`), so a run refused before that leaves the folder's
+    config as it was."""
     exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / CONFIG).write_text(dump_experiment(config))
     lang = Path(config.data.lang)
     for name, needed in ((TOKENIZER, True), (CMVN, config.model.wants_cmvn)):
         target = exp_dir / name
@@ -107,6 +108,38 @@ def prepare(exp_dir: Path, config: ExperimentConfig, *, resuming: bool) -> None:
                 )
             continue
         shutil.copyfile(lang / name, target)
+
+
+def write_config(exp_dir: Path, config: ExperimentConfig) -> None:
+    """The run's resolved config, every default written out (what a resume compares with)."""
+    (exp_dir / CONFIG).write_text(dump_experiment(config))
+
+
+def check_weights_fit(model: TrainableModel, weights: dict, checkpoint: Path) -> None:
+    """Refuse, in one line, a checkpoint whose weights do not fit the model the config
+    builds now: a resume after --allow-config-change changed the architecture."""
+    expected = model.state_dict()
+    mismatched = [
+        f"{key} {list(weights[key].shape)} in the checkpoint, {list(value.shape)} now"
+        for key, value in expected.items()
+        if key in weights and weights[key].shape != value.shape
+    ]
+    missing = [key for key in expected if key not in weights]
+    unexpected = [key for key in weights if key not in expected]
+    if not (mismatched or missing or unexpected):
+        return
+    found = [
+        f"{len(found)} {what} (first {found[0]})"
+        for what, found in (("of other shape", mismatched), ("missing", missing),
+                            ("unexpected", unexpected))
+        if found
+    ]  # fmt: skip
+    raise EchoicError(
+        f"{checkpoint}: its weights do not fit the model the config builds now "
+        f"({'; '.join(found)}): a resume cannot change the architecture, even with "
+        "--allow-config-change. Train into a new --exp, with `init: {checkpoint: ...}` "
+        "to start from these weights"
+    )
 
 
 def best_or_newest(exp_dir: Path, where: str) -> tuple[Path, str]:

@@ -141,10 +141,13 @@ class Trainer:
         model = build_model(self.config.model, tokenizer.vocab_size, cmvn)
         model.set_gradient_checkpointing(train.gradient_checkpointing)
         if weights is not None:
+            experiment.check_weights_fit(model, weights, resume_from)
             load_model_weights(model, weights)
         elif self.config.init is not None:  # a new run that starts from other weights
             report_dir = self.exp_dir if rt.is_main else None
             init.initialize(model, self.config.init, tokenizer, report_dir)
+        if rt.is_main:
+            experiment.write_config(self.exp_dir, self.config)
         stages.check_stage_names(self.config, model)
         self.stages = stages.plan_stages(self.config)
         self.stage_position = stages.StagePosition(**(saved or {}).get("stage", {}))
