@@ -91,3 +91,9 @@ def test_average_best_says_why_it_has_nothing_to_average(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "none of the checkpoints with a dev result is kept" in error
     assert "(2 kept: step-00000004, step-00000006); use --last" in error
+
+
+def test_plot_of_a_folder_that_is_no_experiment_says_so(tmp_path, capsys):
+    assert main(["plot", "--exp", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"echoic: error: {tmp_path / 'nope'} is not an experiment folder (no config.yaml)"

@@ -89,7 +89,7 @@ def _toy_config(tmp_path, corpus, lang):
 
 @pytest.mark.slow
 def test_a_registered_toy_family_trains_resumes_decodes_and_exports(
-    tmp_path, corpus, lang, toy_family
+    tmp_path, corpus, lang, toy_family, capsys
 ):
     config_path = _toy_config(tmp_path, corpus, lang)
     config = load_experiment(config_path)
@@ -113,8 +113,17 @@ def test_a_registered_toy_family_trains_resumes_decodes_and_exports(
         assert main([*argv, "--out", str(out), "--no-progress"]) in (0, None)
         hyps = read_hypotheses(out / "hyp.jsonl")
         assert set(hyps) == {u.id for u in read_manifest(test).utterances}
-    with pytest.raises(SystemExit):  # a method the family does not name: one line, exit 2
-        main(["decode", "--exp", str(exp), "--manifest", str(test), "--method", "attention"])
+    argv = ["decode", "--exp", str(exp), "--manifest", str(test), "--out", str(tmp_path / "x")]
+    assert main([*argv, "--method", "attention"]) == 2  # a method the family does not name
+    assert capsys.readouterr().err.strip() == (
+        "echoic: error: method 'attention' needs heads this model lacks; "
+        "valid methods: ctc_greedy, ctc_prefix_beam"
+    )
+    assert main([*argv, "--method", "ctc_gredy"]) == 2  # one no family names
+    assert capsys.readouterr().err.strip() == (
+        "echoic: error: unknown method 'ctc_gredy'; did you mean 'ctc_greedy'? "
+        "(this model runs ctc_greedy, ctc_prefix_beam)"
+    )
 
     assert main(["export", "--exp", str(exp), "--format", "onnx", "--no-quantize"]) in (0, None)
     onnx_out = tmp_path / "decode_onnx"

@@ -7,6 +7,7 @@ listing those. Loading a trained model is echoic.train.experiment's.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -149,6 +150,12 @@ def default_method(model: TrainableModel) -> str:
 
 def check_options(model: TrainableModel, options: DecodeOptions) -> None:
     valid = available_methods(model)
+    if options.method not in METHODS:
+        close = difflib.get_close_matches(options.method, list(METHODS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise EchoicError(
+            f"unknown method '{options.method}'{hint} (this model runs {', '.join(valid)})"
+        )
     if options.method not in valid:
         raise EchoicError(
             f"method '{options.method}' needs heads this model lacks; "

@@ -17,6 +17,8 @@ def plot_curves(exp_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     exp_dir = Path(exp_dir)
+    if not (exp_dir / "config.yaml").is_file():
+        raise EchoicError(f"{exp_dir} is not an experiment folder (no config.yaml)")
     records = read_metrics(exp_dir / "metrics.jsonl")
     if not records:
         raise EchoicError(f"{exp_dir / 'metrics.jsonl'} has no metrics yet")
