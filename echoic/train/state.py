@@ -56,12 +56,11 @@ class TrainState:
     ) -> TrainState:
         """The state a checkpoint (`where`, for errors) holds, upgraded to this version;
         `metric_keys` are the model's, which version 1 did not save in full."""
+        check_version(state, where)
         state = dict(state)
-        version = state.pop("version", None)
+        version = state.pop("version")
         if version == 1:
             state = _upgrade_v1(state, metric_keys)
-        elif version != STATE_VERSION:
-            raise EchoicError(f"{where}: checkpoint state version {version} is not supported")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(state) - known)
         missing = sorted(known - set(state) - {"stage"})  # runs before stages had no stage

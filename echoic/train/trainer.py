@@ -135,8 +135,9 @@ class Trainer:
         if rt.distributed:
             torch.distributed.barrier()
 
-        tokenizer = load_tokenizer(self.exp_dir / "tokenizer.json")
-        cmvn = CmvnStats.load(self.exp_dir / "cmvn.json") if self.config.model.wants_cmvn else None
+        tokenizer = load_tokenizer(self.exp_dir / experiment.TOKENIZER)
+        wants_cmvn = self.config.model.wants_cmvn
+        cmvn = CmvnStats.load(self.exp_dir / experiment.CMVN) if wants_cmvn else None
         torch.manual_seed(train.seed)
         model = build_model(self.config.model, tokenizer.vocab_size, cmvn)
         model.set_gradient_checkpointing(train.gradient_checkpointing)
@@ -148,9 +149,12 @@ class Trainer:
             init.initialize(model, self.config.init, tokenizer, report_dir)
         if rt.is_main:
             experiment.write_config(self.exp_dir, self.config)
+        state = None  # the checkpoint's state, upgraded and checked key by key
+        if saved is not None:
+            state = TrainState.from_state_dict(saved, model.metric_units, str(resume_from))
         stages.check_stage_names(self.config, model)
         self.stages = stages.plan_stages(self.config)
-        self.stage_position = stages.StagePosition(**(saved or {}).get("stage", {}))
+        self.stage_position = stages.StagePosition(**(state.stage if state else {}))
         trained_sets = {tuple(stages.frozen_names(model, stage)) for stage in self.stages}
         if rt.distributed and len(trained_sets) > 1:
             raise ConfigError(
@@ -159,16 +163,13 @@ class Trainer:
             )
         # What is trained at the step resumed from (the stage's, and an SSL upstream
         # unfrozen after N steps): the optimizer state is matched to it when loaded.
-        self._enter_stage(model, saved["step"] if saved else 0)
+        self._enter_stage(model, state.step if state else 0)
         self.metric_units = model.metric_units
         if train.best_metric not in self.metric_units:
             raise ConfigError(
                 f"train.best_metric '{train.best_metric}' is not a metric of this model "
                 f"({', '.join(self.metric_units)})"
             )
-        state = None
-        if saved is not None:
-            state = TrainState.from_state_dict(saved, self.metric_units, str(resume_from))
         self.input_spec = model.input_spec
         self.probe: Probe | None = None  # loaded at its first use
         if self.config.probe is not None and not isinstance(model, ProbeFeatures):
